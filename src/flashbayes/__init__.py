@@ -1,0 +1,27 @@
+"""flashbayes: fast amortized Bayesian inference whose prior can be changed at run time.
+
+Example:
+    >>> import flashbayes as fb
+    >>> "gmm_linear" in fb.tasks.names()
+    True
+"""
+
+from flashbayes import tasks
+from flashbayes.amortized import (
+    AmortizedPosterior,
+    CheckpointError,
+    DistributionTransformer,
+    DTConfig,
+    TrainConfig,
+    TrainEvent,
+    load,
+    load_pretrained,
+    train,
+)
+from flashbayes.distributions import GMM, fit_gmm
+
+__version__ = "0.1.0"
+
+__all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
+           "TrainConfig", "TrainEvent", "fit_gmm", "load", "load_pretrained", "tasks", "train",
+           "__version__"]

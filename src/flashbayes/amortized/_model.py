@@ -1,0 +1,264 @@
+"""A trained amortized model bound to its task: the user-facing `posterior` calls."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashbayes import tasks as _tasks
+from flashbayes.amortized._checkpoint import (
+    CheckpointError,
+    load_tree,
+    read_header,
+    save_checkpoint,
+)
+from flashbayes.amortized._dt import DistributionTransformer, DTConfig
+from flashbayes.distributions import GMM
+
+KIND = "distribution_transformer"
+
+
+class OutOfRangeWarning(UserWarning):
+    """The input lies outside what the model was trained on."""
+
+
+def size_bucket(n: int) -> int:
+    """Padded length for a data set of n rows: 4, 6, 8, 12, 16, 24, 32, 48, ..."""
+    b = 4
+    while b < n:
+        b = b * 3 // 2 if (b & (b - 1)) == 0 else b * 4 // 3
+    return b
+
+
+def _batch_bucket(b: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(b, 1))))
+
+
+class AmortizedPosterior:
+    """A Distribution Transformer with its task: maps (prior GMM, data) to a posterior GMM.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> model = fb.load_pretrained("gmm_linear")
+        >>> task = model.task
+        >>> problem = task.sample_problem(jax.random.key(0), n=10)
+        >>> post = model.posterior(problem.prior, problem.data)
+        >>> post.n_components == problem.prior.n_components
+        True
+    """
+
+    def __init__(self, network: DistributionTransformer, task: _tasks.Task, *,
+                 meta: dict | None = None):
+        self.network = network
+        self.task = task
+        self.meta = dict(meta or {})
+        net = network
+        self._single = jax.jit(lambda w, m, s, c, x, dm: net(w, m, s, c, x, dm))
+        self._batched = jax.jit(jax.vmap(lambda w, m, s, c, x, dm: net(w, m, s, c, x, dm)))
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def config(self) -> DTConfig:
+        return self.network.config
+
+    @property
+    def theta_dim(self) -> int:
+        return self.config.theta_dim
+
+    @property
+    def data_dim(self) -> int:
+        return self.config.data_dim
+
+    def __repr__(self) -> str:
+        return (f"AmortizedPosterior(task={self.task.name!r}, theta_dim={self.theta_dim}, "
+                f"data_dim={self.data_dim}, step={self.meta.get('step')})")
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_prior(self, prior: Any) -> GMM:
+        if not isinstance(prior, GMM):
+            raise TypeError(f"prior: expected a flashbayes GMM; got {type(prior).__name__}")
+        if prior.dim != self.theta_dim:
+            raise ValueError(f"prior: expected dimension {self.theta_dim} for task "
+                             f"{self.task.name}; got {prior.dim}")
+        return prior
+
+    def in_training_range(self, prior: GMM, data: np.ndarray) -> tuple[bool, str]:
+        """Whether (prior, data) lie inside what the model was trained on, and why not."""
+        n = int(np.shape(data)[0])
+        if n > self.task.n_max:
+            return False, f"{n} data rows; the model was trained on at most {self.task.n_max}"
+        if prior.n_components > self.task.k_max:
+            return False, (f"{prior.n_components} prior components; the model was trained on at "
+                           f"most {self.task.k_max}")
+        return True, ""
+
+    # -- inference -------------------------------------------------------------------------------
+    def posterior(self, prior: GMM, data: Any) -> GMM:
+        """The amortized posterior for one prior and one data set of shape (n, data_dim)."""
+        prior = self._check_prior(prior)
+        x = self.task.validate_data(data)
+        ok, why = self.in_training_range(prior, x)
+        if not ok:
+            warnings.warn(f"outside the training range: {why}", OutOfRangeWarning, stacklevel=2)
+        n = x.shape[0]
+        nb = size_bucket(n)
+        xp = np.zeros((nb, self.data_dim), np.float32)
+        xp[:n] = x
+        dmask = np.arange(nb) < n
+        k = prior.n_components
+        w, m, s = self._single(prior.weights, prior.means, prior.scale_tril,
+                               np.ones(k, bool), xp, dmask)
+        return GMM.unchecked(w, m, s)
+
+    def posterior_batch(self, priors: Sequence[GMM], data: Sequence[Any]) -> list[GMM]:
+        """Posteriors for many (prior, data) pairs in one compiled call.
+
+        Priors may have different numbers of components and data sets different sizes: both
+        are padded (with masks) to the largest in the call.
+        """
+        if len(priors) != len(data):
+            raise ValueError(f"expected as many data sets as priors; got {len(data)} data sets "
+                             f"for {len(priors)} priors")
+        if not priors:
+            return []
+        priors = [self._check_prior(p) for p in priors]
+        xs = [self.task.validate_data(x) for x in data]
+        arrays = self._pad(priors, xs)
+        w, m, s = self.posterior_arrays(*arrays)
+        w, m, s = np.asarray(w), np.asarray(m), np.asarray(s)
+        return [GMM.unchecked(jnp.asarray(w[i, :p.n_components]),
+                              jnp.asarray(m[i, :p.n_components]),
+                              jnp.asarray(s[i, :p.n_components]))
+                for i, p in enumerate(priors)]
+
+    def posterior_arrays(self, weights, means, scale_tril, cmask, data, dmask):
+        """Batched core on padded arrays (B, K), (B, K, d), (B, K, d, d), (B, K), (B, N, p),
+        (B, N); returns padded posterior (weights, means, scale_tril). The batch is padded to a
+        power of two so that few shapes are compiled."""
+        b = weights.shape[0]
+        bb = _batch_bucket(b)
+        if bb != b:
+            def pad(a, fill=0):
+                widths = [(0, bb - b)] + [(0, 0)] * (np.ndim(a) - 1)
+                return np.pad(np.asarray(a), widths, constant_values=fill)
+
+            eye = np.broadcast_to(np.eye(self.theta_dim, dtype=np.float32),
+                                  (bb - b,) + np.shape(scale_tril)[1:])
+            weights = pad(weights, 1.0 / np.shape(weights)[1])
+            means, cmask, data, dmask = pad(means), pad(cmask, True), pad(data), pad(dmask)
+            scale_tril = np.concatenate([np.asarray(scale_tril), eye], 0)
+        w, m, s = self._batched(weights, means, scale_tril, cmask, data, dmask)
+        return w[:b], m[:b], s[:b]
+
+    def _pad(self, priors: list[GMM], xs: list[np.ndarray]):
+        b = len(priors)
+        kmax = max(p.n_components for p in priors)
+        nb = size_bucket(max(x.shape[0] for x in xs))
+        d, pdim = self.theta_dim, self.data_dim
+        w = np.zeros((b, kmax), np.float32)
+        m = np.zeros((b, kmax, d), np.float32)
+        s = np.broadcast_to(np.eye(d, dtype=np.float32), (b, kmax, d, d)).copy()
+        cm = np.zeros((b, kmax), bool)
+        x = np.zeros((b, nb, pdim), np.float32)
+        dm = np.zeros((b, nb), bool)
+        for i, (p, xi) in enumerate(zip(priors, xs)):
+            k = p.n_components
+            w[i, :k] = np.asarray(p.weights)
+            m[i, :k] = np.asarray(p.means)
+            s[i, :k] = np.asarray(p.scale_tril)
+            cm[i, :k] = True
+            x[i, :xi.shape[0]] = xi
+            dm[i, :xi.shape[0]] = True
+        return w, m, s, cm, x, dm
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights (no optimiser state) to a safetensors checkpoint."""
+        header = {"kind": KIND, "task": self.task.name, "task_params": self.meta.get(
+            "task_params", {}), "model_config": self.config.to_dict(),
+            "step": self.meta.get("step", 0), "train_config": self.meta.get("train_config")}
+        return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
+
+
+def network_from_header(header: dict) -> DistributionTransformer:
+    try:
+        config = DTConfig.from_dict(header["model_config"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError("checkpoint: expected a model_config in the header") from exc
+    return DistributionTransformer(config, key=jax.random.key(0))
+
+
+def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPosterior:
+    """Load a model written by `train` or `AmortizedPosterior.save`.
+
+    Args:
+        path: a `.safetensors` checkpoint, or a training folder (its latest checkpoint).
+        task: if given, the task the checkpoint must belong to.
+
+    Raises:
+        CheckpointError: missing or malformed file, other format version, other task.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from flashbayes.amortized._train import latest_checkpoint
+
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"checkpoint: expected a checkpoint file in {path}; got none")
+        path = found
+    header = read_header(path)
+    if header.get("kind") != KIND:
+        raise CheckpointError(f"checkpoint: expected kind {KIND!r}; got {header.get('kind')!r}")
+    name = header.get("task")
+    if task is not None and name != task:
+        raise CheckpointError(f"checkpoint: expected a model for task {task!r}; got one for "
+                              f"{name!r}")
+    try:
+        task_obj = _tasks.get(name, **header.get("task_params", {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: unknown task {name!r} ({exc})") from exc
+    skeleton = network_from_header(header)
+    params, static = eqx.partition(skeleton, eqx.is_array)
+    params = load_tree(path, "params", params)
+    network = eqx.combine(params, static)
+    if (network.config.theta_dim, network.config.data_dim) != (task_obj.theta_dim,
+                                                               task_obj.data_dim):
+        raise CheckpointError(f"checkpoint: model dimensions do not match task {name!r}")
+    meta = {k: header.get(k) for k in ("step", "train_config", "task_params", "train_seconds")}
+    meta["path"] = str(path)
+    return AmortizedPosterior(network, task_obj, meta=meta)
+
+
+PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression")
+
+
+def pretrained_path(name: str) -> Path:
+    if name not in PRETRAINED:
+        raise ValueError(f"pretrained model: expected one of {', '.join(PRETRAINED)}; got "
+                         f"{name!r}")
+    return Path(__file__).resolve().parent.parent / "pretrained" / f"{name}.safetensors"
+
+
+def load_pretrained(name: str) -> AmortizedPosterior:
+    """A model shipped inside the package; docs/pretrained.md gives the command that made it.
+
+    Example:
+        >>> import flashbayes as fb
+        >>> fb.load_pretrained("gmm_linear").task.name
+        'gmm_linear'
+    """
+    path = pretrained_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained model {name!r}: expected the file {path}; it is "
+                                "missing from this installation")
+    return load(path, task=name)

@@ -1,0 +1,260 @@
+"""Training loop: endless synthetic batches, loss -log q(theta | prior, data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flashbayes import tasks as _tasks
+from flashbayes.amortized._checkpoint import (
+    CheckpointError,
+    has_tree,
+    load_tree,
+    read_header,
+    save_checkpoint,
+)
+from flashbayes.amortized._dt import DistributionTransformer, DTConfig
+from flashbayes.amortized._model import KIND, AmortizedPosterior
+
+_CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (e.g. non-finite losses)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes:
+        steps: total optimiser steps.
+        batch_size: synthetic problems per step.
+        learning_rate: peak learning rate (AdamW).
+        warmup_steps: linear warm-up before cosine decay to `final_lr_ratio` of the peak.
+        grad_clip: global-norm clipping.
+        weight_decay: AdamW decoupled weight decay.
+        checkpoint_every: write a checkpoint every this many steps (and at the end).
+        log_every: call the progress callback every this many steps.
+        max_bad_steps: consecutive non-finite steps tolerated before training stops.
+        d_model, n_layers, n_heads, mlp_ratio, data_layers: the network (see DTConfig).
+    """
+
+    steps: int = 20_000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 500
+    final_lr_ratio: float = 0.02
+    grad_clip: float = 1.0
+    weight_decay: float = 1e-5
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    max_bad_steps: int = 20
+    d_model: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    mlp_ratio: int = 2
+    data_layers: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_bad_steps",
+                     "d_model", "n_layers", "n_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer; got {v!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected > 0; got {self.learning_rate}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got "
+                             f"{self.d_model}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise ValueError(f"train config: expected keys among {sorted(names)}; got unknown "
+                             f"{sorted(unknown)}")
+        return cls(**obj)
+
+    def model_config(self, task: _tasks.Task) -> DTConfig:
+        return DTConfig(theta_dim=task.theta_dim, data_dim=task.data_dim, d_model=self.d_model,
+                        n_layers=self.n_layers, n_heads=self.n_heads, mlp_ratio=self.mlp_ratio,
+                        data_layers=self.data_layers, n_scale=float(max(task.n_max, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvent:
+    """What the progress callback receives."""
+
+    step: int
+    total: int
+    loss: float
+    steps_per_second: float
+    bad_steps: int = 0
+    message: str = ""
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps,
+                                                                       cfg.steps),
+        decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.final_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def batch_loss(network: DistributionTransformer, batch: _tasks.Batch) -> jax.Array:
+    """Mean over the batch of -log q(theta | prior, data)."""
+    lp = jax.vmap(network.log_prob)(batch.theta, batch.weights, batch.means, batch.scale_tril,
+                                    batch.cmask, batch.data, batch.dmask)
+    return -jnp.mean(lp)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir() if _CKPT_RE.match(p.name))
+    return found[-1] if found else None
+
+
+def _task_name(task: _tasks.Task | str) -> tuple[_tasks.Task, dict]:
+    if isinstance(task, str):
+        return _tasks.get(task), {}
+    if isinstance(task, _tasks.Task):
+        return task, getattr(task, "_params", {})
+    raise TypeError(f"task: expected a task name or Task; got {type(task).__name__}")
+
+
+def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: jax.Array,
+          out_dir: str | Path | None = None, resume: bool = False,
+          callback: Callable[[TrainEvent], Any] | None = None) -> AmortizedPosterior:
+    """Train a Distribution Transformer on endless synthetic batches of `task`.
+
+    Args:
+        task: task name or object.
+        config: optimisation and network settings.
+        key: PRNG key; the same key gives the same model.
+        out_dir: folder for checkpoints `ckpt_XXXXXXXX.safetensors` (written atomically).
+        resume: continue from the latest checkpoint in `out_dir`; the result equals that of an
+            uninterrupted run with the same key and config.
+        callback: receives a `TrainEvent` every `log_every` steps; training never prints.
+
+    Returns:
+        The trained model.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> cfg = fb.TrainConfig(steps=2, batch_size=8, d_model=16, n_layers=1)
+        >>> model = fb.train("gmm_linear", cfg, key=jax.random.key(0))
+        >>> model.meta["step"]
+        2
+    """
+    task, task_params = _task_name(task)
+    cfg = config or TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig; got {type(cfg).__name__}")
+    k_init, k_data, k_prep = jax.random.split(key, 3)
+    network = DistributionTransformer(cfg.model_config(task), key=k_init)
+    optimizer = make_optimizer(cfg)
+    params, static = eqx.partition(network, eqx.is_array)
+    opt_state = optimizer.init(params)
+    start = 0
+    elapsed_before = 0.0
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume: expected out_dir to name the checkpoint folder; got None")
+        last = latest_checkpoint(out_dir)
+        if last is not None:
+            header = read_header(last)
+            if header.get("task") != task.name:
+                raise CheckpointError(f"resume: expected a checkpoint of task {task.name!r}; got "
+                                      f"{header.get('task')!r} in {last}")
+            if header.get("train_config") != cfg.to_dict():
+                raise CheckpointError(f"resume: the checkpoint {last} was written with another "
+                                      "train config; resume with the same settings")
+            if not has_tree(last, "opt"):
+                raise CheckpointError(f"resume: {last} holds no optimiser state")
+            params = load_tree(last, "params", params)
+            opt_state = load_tree(last, "opt", opt_state)
+            start = int(header["step"])
+            elapsed_before = float(header.get("train_seconds", 0.0))
+    state = task.prepare(k_prep)
+
+    @eqx.filter_jit
+    def step_fn(params, opt_state, step):
+        batch = task.sample_batch(jax.random.fold_in(k_data, step), cfg.batch_size, state)
+
+        def loss_fn(p):
+            return batch_loss(eqx.combine(p, static), batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        new_params = eqx.apply_updates(params, updates)
+        # a non-finite step changes nothing: weights and optimiser state stay as they were
+        new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_params,
+                                            params)
+        new_opt = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_opt,
+                                         opt_state)
+        return new_params, new_opt, loss, finite
+
+    def write(step_done: int, seconds: float):
+        if out_dir is None:
+            return
+        header = {"kind": KIND, "task": task.name, "task_params": task_params,
+                  "model_config": cfg.model_config(task).to_dict(),
+                  "train_config": cfg.to_dict(), "step": step_done,
+                  "train_seconds": seconds,
+                  "key": np.asarray(jax.random.key_data(key)).tolist()}
+        save_checkpoint(Path(out_dir) / f"ckpt_{step_done:08d}.safetensors", header,
+                        {"params": params, "opt": opt_state})
+
+    bad = 0
+    t0 = time.perf_counter()
+    t_last, s_last = t0, start
+    losses: list[float] = []
+    for step in range(start, cfg.steps):
+        params, opt_state, loss, finite = step_fn(params, opt_state, jnp.asarray(step))
+        if not bool(finite):
+            bad += 1
+            if callback is not None:
+                callback(TrainEvent(step + 1, cfg.steps, float("nan"), 0.0, bad,
+                                    f"non-finite loss at step {step + 1}; update skipped"))
+            if bad >= cfg.max_bad_steps:
+                raise TrainingError(f"training stopped: {bad} consecutive non-finite losses "
+                                    f"(last at step {step + 1}); weights kept from before them")
+            continue
+        bad = 0
+        losses.append(float(loss))
+        done = step + 1
+        if callback is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            rate = (done - s_last) / max(now - t_last, 1e-9)
+            t_last, s_last = now, done
+            callback(TrainEvent(done, cfg.steps, float(np.mean(losses[-cfg.log_every:])), rate,
+                                0))
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            write(done, elapsed_before + time.perf_counter() - t0)
+    total_seconds = elapsed_before + time.perf_counter() - t0
+    network = eqx.combine(params, static)
+    meta = {"step": cfg.steps, "train_config": cfg.to_dict(), "task_params": task_params,
+            "train_seconds": total_seconds}
+    return AmortizedPosterior(network, task, meta=meta)

@@ -1,0 +1,6 @@
+"""Distributions: the Gaussian mixture and its EM fit."""
+
+from flashbayes.distributions._fit import fit_gmm, fit_gmm_arrays
+from flashbayes.distributions._gmm import GMM, gmm_moments, validate_gmm_arrays
+
+__all__ = ["GMM", "fit_gmm", "fit_gmm_arrays", "gmm_moments", "validate_gmm_arrays"]
