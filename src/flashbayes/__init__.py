@@ -6,7 +6,7 @@ Example:
     True
 """
 
-from flashbayes import tasks
+from flashbayes import diagnostics, reference, tasks
 from flashbayes.amortized import (
     AmortizedPosterior,
     CheckpointError,
@@ -23,5 +23,5 @@ from flashbayes.distributions import GMM, fit_gmm
 __version__ = "0.1.0"
 
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
-           "TrainConfig", "TrainEvent", "fit_gmm", "load", "load_pretrained", "tasks", "train",
+           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "load", "load_pretrained", "reference", "tasks", "train",
            "__version__"]

@@ -109,10 +109,10 @@ class TrainEvent:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(cfg.warmup_steps, cfg.steps // 2)
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps,
-                                                                       cfg.steps),
-        decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.final_lr_ratio)
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_ratio)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, weight_decay=cfg.weight_decay))
 

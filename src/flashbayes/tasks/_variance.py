@@ -74,7 +74,7 @@ class GaussianVariance(Task):
 
     def __init__(self, *, a_range: tuple[float, float] = (2.0, 6.0),
                  b_range: tuple[float, float] = (0.5, 4.0), n_min: int = 0, n_max: int = 30,
-                 n_components: int = 4, n_draws: int = 10_000, bank_size: int = 2048):
+                 n_components: int = 4, n_draws: int = 10_000, bank_size: int = 1024):
         self.theta_dim = 1
         self.data_dim = 1
         self.a_range, self.b_range = tuple(a_range), tuple(b_range)

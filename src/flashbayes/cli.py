@@ -1,0 +1,314 @@
+"""Command-line interface. Config files and CSV/JSON inputs are parsed here and nowhere else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="flashbayes: fast amortized Bayesian inference with run-time priors.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit code 2."""
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors(fn):
+    """Turn bad input into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from flashbayes.amortized import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UsageError, CheckpointError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def _load_model(checkpoint: str):
+    import flashbayes as fb
+    from flashbayes.amortized import PRETRAINED
+
+    path = Path(checkpoint)
+    if not path.exists() and checkpoint in PRETRAINED:
+        return fb.load_pretrained(checkpoint)
+    if not path.exists():
+        raise UsageError(f"checkpoint: expected a file, a training folder or one of "
+                         f"{', '.join(PRETRAINED)}; got {checkpoint!r} (no such file)")
+    return fb.load(path)
+
+
+def _read_prior(path: Path, dim: int):
+    from flashbayes.distributions import GMM
+
+    if not path.is_file():
+        raise UsageError(f"--prior: expected a JSON file; got {path} (no such file)")
+    try:
+        prior = GMM.from_json(path.read_text())
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--prior {path}: {exc}") from exc
+    if prior.dim != dim:
+        raise UsageError(f"--prior {path}: expected a prior of dimension {dim}; got {prior.dim}")
+    return prior
+
+
+def _read_csv(path: Path, width: int):
+    import numpy as np
+
+    if not path.is_file():
+        raise UsageError(f"--data: expected a CSV file; got {path} (no such file)")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.split(",")]
+        try:
+            values = [float(c) for c in cells]
+        except ValueError:
+            if i == 0:  # a header row
+                continue
+            raise UsageError(f"--data {path}: expected numbers on line {i + 1}; got "
+                             f"{line[:60]!r}") from None
+        if len(values) != width:
+            raise UsageError(f"--data {path}: expected {width} columns per row; got "
+                             f"{len(values)} on line {i + 1}")
+        rows.append(values)
+    x = np.asarray(rows, dtype=np.float64).reshape(-1, width)
+    if not np.all(np.isfinite(x)):
+        raise UsageError(f"--data {path}: expected finite numbers; got NaN or inf")
+    return x
+
+
+@app.command()
+@_user_errors
+def demo(seed: Annotated[int | None, typer.Option(help="PRNG seed (random if omitted)")] = None,
+         n: Annotated[int, typer.Option(help="data points, 0..20")] = 10,
+         plot: Annotated[Path, typer.Option(help="where to write the picture")] = Path(
+             "flashbayes-demo.png"),
+         nuts: Annotated[bool, typer.Option(help="also run NUTS for the speed-up")] = True):
+    """Shipped gmm_linear model vs the exact posterior and NUTS on a random problem."""
+    import jax
+
+    from flashbayes._demo import run_demo
+
+    if not 0 <= n <= 20:
+        raise UsageError(f"--n: expected 0..20 (the range the shipped model was trained on); "
+                         f"got {n}")
+    seed = random.randrange(2**31) if seed is None else seed
+    with console.status("loading the model, drawing a problem, running the engines..."):
+        out = run_demo(key=jax.random.key(seed), n=n, nuts=nuts, plot=plot)
+    table = Table(title=f"gmm_linear, seed {seed}: {out['n_components']}-component GMM prior, "
+                        f"n = {out['n']} data points")
+    table.add_column("method")
+    table.add_column("KL(exact || method)", justify="right")
+    table.add_column("NLL of true theta", justify="right")
+    table.add_column("wall time", justify="right")
+    table.add_column("time / DT time", justify="right")
+    for r in out["rows"]:
+        kl = "-" if r["kl"] is None else (f"{r['kl']:.4f}" if "kl_se" not in r
+                                          else f"{r['kl']:.4f} ± {r['kl_se']:.4f}")
+        nll = "-" if r["nll"] is None else f"{r['nll']:.3f}"
+        table.add_row(r["method"], kl, nll, _fmt_seconds(r["seconds"]),
+                      f"{r['speedup_of_dt']:.1f}x")
+    console.print(table)
+    for r in out["rows"]:
+        if "first_call_seconds" in r:
+            console.print(f"NUTS first call, compilation included: "
+                          f"{_fmt_seconds(r['first_call_seconds'])}; the Distribution "
+                          f"Transformer is {r['speedup_of_dt']:.0f}x faster than warm NUTS.")
+    console.print(f"picture written to {out['plot']}")
+
+
+@app.command("tasks")
+@_user_errors
+def tasks_cmd():
+    """List the registered tasks."""
+    import flashbayes as fb
+
+    table = Table(title="tasks")
+    for col in ("name", "theta dim", "data row", "n", "exact posterior", "description"):
+        table.add_column(col)
+    for name in fb.tasks.names():
+        t = fb.tasks.get(name)
+        table.add_row(name, str(t.theta_dim), str(t.data_dim), f"{t.n_min}..{t.n_max}",
+                      "yes" if t.has_exact else "no (NUTS)", t.description)
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes tasks`)")],
+          out: Annotated[Path, typer.Option(help="folder for checkpoints and the model")],
+          steps: Annotated[int, typer.Option(help="optimiser steps")] = 20_000,
+          batch_size: Annotated[int, typer.Option(help="problems per step")] = 256,
+          learning_rate: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+          checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
+          seed: Annotated[int, typer.Option(help="PRNG seed")] = 0,
+          config: Annotated[Path | None, typer.Option(
+              help="JSON file of TrainConfig fields (command-line options win)")] = None,
+          resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+          d_model: Annotated[int | None, typer.Option(help="token width")] = None,
+          n_layers: Annotated[int | None, typer.Option(help="transformer blocks")] = None):
+    """Train a Distribution Transformer; writes OUT/ckpt_*.safetensors and OUT/model.safetensors."""
+    import jax
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    import flashbayes as fb
+
+    if task not in fb.tasks.names():
+        raise UsageError(f"task: expected one of {', '.join(fb.tasks.names())}; got {task!r}")
+    fields: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise UsageError(f"--config: expected a JSON file; got {config} (no such file)")
+        try:
+            fields = json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {config}: expected JSON; got malformed JSON ({exc.msg})") \
+                from exc
+        if not isinstance(fields, dict):
+            raise UsageError(f"--config {config}: expected a JSON object; got "
+                             f"{type(fields).__name__}")
+    fields.update(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                  checkpoint_every=checkpoint_every)
+    if d_model is not None:
+        fields["d_model"] = d_model
+    if n_layers is not None:
+        fields["n_layers"] = n_layers
+    try:
+        cfg = fb.TrainConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"train config: {exc}") from exc
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]}"),
+                        TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
+                        console=console, transient=False)
+    with progress:
+        bar = progress.add_task(f"training {task}", total=cfg.steps, loss="-", rate="-")
+
+        def callback(ev):
+            if ev.message:
+                progress.console.print(f"[yellow]{ev.message}")
+                return
+            progress.update(bar, completed=ev.step, loss=f"{ev.loss:.4f}",
+                            rate=f"{ev.steps_per_second:.1f}")
+
+        model = fb.train(task, cfg, key=jax.random.key(seed), out_dir=out, resume=resume,
+                         callback=callback)
+    path = model.save(out / "model.safetensors")
+    console.print(f"model written to {path} ({model.meta['train_seconds']:.0f} s of training)")
+
+
+@app.command()
+@_user_errors
+def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],
+          prior: Annotated[Path, typer.Option(help="prior GMM as JSON: weights, means, "
+                                                   "scale_tril (or cov)")],
+          data: Annotated[Path, typer.Option(help="data as CSV, one row per data point")],
+          out: Annotated[Path | None, typer.Option(help="write the posterior GMM as JSON")] = None,
+          plot: Annotated[Path | None, typer.Option(help="write a PNG of prior and posterior")]
+          = None):
+    """Amortized posterior for one prior and one data set."""
+    import time
+    import warnings
+
+    import numpy as np
+
+    from flashbayes.amortized import OutOfRangeWarning
+
+    model = _load_model(checkpoint)
+    gmm_prior = _read_prior(prior, model.theta_dim)
+    x = _read_csv(data, model.data_dim)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OutOfRangeWarning)
+            t0 = time.perf_counter()
+            post = model.posterior(gmm_prior, x)
+            post.weights.block_until_ready()
+            seconds = time.perf_counter() - t0
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}")
+    table = Table(title=f"posterior ({model.task.name}, n = {x.shape[0]}, "
+                        f"{_fmt_seconds(seconds)} incl. compilation)")
+    table.add_column("component")
+    table.add_column("weight", justify="right")
+    table.add_column("mean")
+    table.add_column("sd")
+    cov = np.asarray(post.scale_tril) @ np.swapaxes(np.asarray(post.scale_tril), -1, -2)
+    for k in range(post.n_components):
+        table.add_row(str(k), f"{float(post.weights[k]):.4f}",
+                      np.array2string(np.asarray(post.means[k]), precision=4),
+                      np.array2string(np.sqrt(np.diagonal(cov[k])), precision=4))
+    console.print(table)
+    console.print(f"posterior mean {np.array2string(np.asarray(post.mean()), precision=4)}")
+    if out is not None:
+        out.write_text(post.to_json())
+        console.print(f"posterior written to {out}")
+    if plot is not None:
+        from flashbayes._plots import plot_prior_posterior
+
+        path = plot_prior_posterior(gmm_prior, post, plot)
+        console.print(f"picture written to {path}")
+
+
+@app.command("eval")
+@_user_errors
+def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],
+             n_priors: Annotated[int, typer.Option(help="held-out problems")] = 1000,
+             seed: Annotated[int, typer.Option(help="PRNG seed of the held-out draws")] = 12345,
+             json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+    """Score a model on fresh held-out problems of its task."""
+    import jax
+
+    from flashbayes._evaluate import evaluate
+
+    if n_priors < 1:
+        raise UsageError(f"--n-priors: expected a positive integer; got {n_priors}")
+    model = _load_model(checkpoint)
+    res = evaluate(model, key=jax.random.key(seed), n_priors=n_priors)
+    summary = {k: v for k, v in res.items() if k != "per_problem"}
+    if json_out:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"{model.task.name}: {n_priors} held-out problems (seed {seed})")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
