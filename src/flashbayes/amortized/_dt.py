@@ -68,7 +68,8 @@ def _tril_features(L: Float[Array, "d d"]) -> Float[Array, " t"]:
 def _tril_from_params(v: Float[Array, " t"], d: int) -> Float[Array, "d d"]:
     """Lower-triangular matrix with diagonal exp(v[:d]) and strictly lower entries v[d:]."""
     rows, cols = jnp.tril_indices(d, -1)
-    T = jnp.diag(jnp.exp(v[:d]))
+    # a soft clip keeps exp() finite (scale changes up to e^8 either way); identity at v = 0
+    T = jnp.diag(jnp.exp(8.0 * jnp.tanh(v[:d] / 8.0)))
     return T.at[rows, cols].set(v[d:])
 
 
@@ -196,7 +197,7 @@ class DistributionTransformer(eqx.Module):
         n = jnp.sum(dmask).astype(jnp.float32)
         glob_feat = jnp.concatenate([m_g, _tril_features(l_g),
                                      jnp.stack([n / cfg.n_scale, jnp.log1p(n),
-                                                jnp.log(w.shape[0] * 1.0 / jnp.sum(cmask))])])
+                                                jnp.log(jnp.sum(cmask).astype(jnp.float32))])])
         comp_feat = jax.vmap(lambda lw, m, L: jnp.concatenate([lw[None], m, _tril_features(L)]))(
             logw_prior, zm, zl)
         glob_e = self.glob_embed(glob_feat)
