@@ -137,3 +137,17 @@ def test_bad_inputs():
     assert post.n_components == prob.prior.n_components
     with pytest.warns(fb.amortized.OutOfRangeWarning, match="trained on at most 20"):
         model.posterior(prob.prior, np.zeros((25, 2)))
+
+
+def test_zero_weight_component_stays_finite_and_zero():
+    task = fb.tasks.get("gmm_linear")
+    model = AmortizedPosterior(_perturbed_net(task), task)
+    prior = fb.GMM(weights=[0.0, 1.0], means=[[0.0, 0.0], [1.0, 1.0]],
+                   scale_tril=np.stack([np.eye(2), 0.5 * np.eye(2)]))
+    post = model.posterior(prior, np.ones((4, 2)))
+    assert np.all(np.isfinite(np.asarray(post.means)))
+    assert float(post.weights[0]) == 0.0 and float(post.weights[1]) == pytest.approx(1.0)
+    theta = jnp.zeros(2)
+    lp = model.network.log_prob(theta, prior.weights, prior.means, prior.scale_tril,
+                                jnp.ones(2, bool), jnp.ones((4, 2)), jnp.ones(4, bool))
+    assert np.isfinite(float(lp))

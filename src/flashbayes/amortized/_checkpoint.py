@@ -93,6 +93,8 @@ def load_tree(path: str | os.PathLike, name: str, like: Any) -> Any:
             if key not in keys:
                 raise CheckpointError(f"checkpoint: expected tensor {key} in {path}; missing")
             arr = fh.get_tensor(key)
+            if np.shape(leaf) == () and arr.shape == (1,):  # scalars are stored as (1,)
+                arr = arr.reshape(())
             if tuple(arr.shape) != tuple(np.shape(leaf)):
                 raise CheckpointError(f"checkpoint: tensor {key} expected shape "
                                       f"{tuple(np.shape(leaf))}; got {tuple(arr.shape)}")

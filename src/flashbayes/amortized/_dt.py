@@ -191,7 +191,9 @@ class DistributionTransformer(eqx.Module):
         zl = jax.vmap(lambda L: jsl.solve_triangular(l_g, L, lower=True))(scale_tril)
         zl = jnp.where(cmask[:, None, None], zl, jnp.eye(d))
         zm = jnp.where(cmask[:, None], zm, 0.0)
+        # zero-weight components stay at zero weight; their feature is floored to stay finite
         logw_prior = jnp.where(cmask, jnp.log(jnp.where(cmask, w, 1.0)), 0.0)
+        logw_feat = jnp.maximum(logw_prior, -20.0)
 
         # -- tokens ---------------------------------------------------------------------------
         n = jnp.sum(dmask).astype(jnp.float32)
@@ -199,7 +201,7 @@ class DistributionTransformer(eqx.Module):
                                      jnp.stack([n / cfg.n_scale, jnp.log1p(n),
                                                 jnp.log(jnp.sum(cmask).astype(jnp.float32))])])
         comp_feat = jax.vmap(lambda lw, m, L: jnp.concatenate([lw[None], m, _tril_features(L)]))(
-            logw_prior, zm, zl)
+            logw_feat, zm, zl)
         glob_e = self.glob_embed(glob_feat)
         comp_tok = jax.vmap(self.comp_embed)(comp_feat) + glob_e
         data_in = jnp.concatenate([data, jnp.broadcast_to(glob_feat, (data.shape[0],

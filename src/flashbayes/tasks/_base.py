@@ -205,7 +205,7 @@ def sample_gmm_family(key: Array, *, d: int, k_min: int, k_max: int, mean_low: f
     kk, kw, km, kr, ks = jax.random.split(key, 5)
     k = jax.random.randint(kk, (), k_min, k_max + 1)
     cmask = jnp.arange(k_max) < k
-    g = jax.random.exponential(kw, (k_max,)) * cmask
+    g = jnp.maximum(jax.random.exponential(kw, (k_max,)), 1e-6) * cmask
     w = g / jnp.sum(g)
     means = jax.random.uniform(km, (k_max, d), minval=mean_low, maxval=mean_high)
     rots = jax.vmap(lambda kk_: random_rotation(kk_, d))(jax.random.split(kr, k_max))
