@@ -54,17 +54,22 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
-def _load_model(checkpoint: str):
+def _load_model(checkpoint: str, task: str | None = None):
     import flashbayes as fb
     from flashbayes.amortized import PRETRAINED
 
     path = Path(checkpoint)
     if not path.exists() and checkpoint in PRETRAINED:
-        return fb.load_pretrained(checkpoint)
-    if not path.exists():
+        model = fb.load_pretrained(checkpoint)
+    elif not path.exists():
         raise UsageError(f"checkpoint: expected a file, a training folder or one of "
                          f"{', '.join(PRETRAINED)}; got {checkpoint!r} (no such file)")
-    return fb.load(path)
+    else:
+        model = fb.load(path)
+    if task is not None and model.task.name != task:
+        raise UsageError(f"checkpoint: expected a model for task {task!r}; got one for "
+                         f"{model.task.name!r} ({checkpoint})")
+    return model
 
 
 def _read_prior(path: Path, dim: int):
@@ -154,7 +159,8 @@ def tasks_cmd():
     import flashbayes as fb
 
     table = Table(title="tasks")
-    for col in ("name", "theta dim", "data row", "n", "exact posterior", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("theta dim", "data row", "n", "exact posterior", "description"):
         table.add_column(col)
     for name in fb.tasks.names():
         t = fb.tasks.get(name)
@@ -236,6 +242,8 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
           data: Annotated[Path, typer.Option(help="data as CSV, one row per data point")],
           out: Annotated[Path | None, typer.Option(help="write the posterior GMM as JSON")] = None,
           plot: Annotated[Path | None, typer.Option(help="write a PNG of prior and posterior")]
+          = None,
+          task: Annotated[str | None, typer.Option(help="refuse a checkpoint of another task")]
           = None):
     """Amortized posterior for one prior and one data set."""
     import time
@@ -245,7 +253,7 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
 
     from flashbayes.amortized import OutOfRangeWarning
 
-    model = _load_model(checkpoint)
+    model = _load_model(checkpoint, task)
     gmm_prior = _read_prior(prior, model.theta_dim)
     x = _read_csv(data, model.data_dim)
     try:
@@ -287,7 +295,9 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
 def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],
              n_priors: Annotated[int, typer.Option(help="held-out problems")] = 1000,
              seed: Annotated[int, typer.Option(help="PRNG seed of the held-out draws")] = 12345,
-             json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+             json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+             task: Annotated[str | None, typer.Option(help="refuse a checkpoint of another task")]
+             = None):
     """Score a model on fresh held-out problems of its task."""
     import jax
 
@@ -295,7 +305,7 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or 
 
     if n_priors < 1:
         raise UsageError(f"--n-priors: expected a positive integer; got {n_priors}")
-    model = _load_model(checkpoint)
+    model = _load_model(checkpoint, task)
     res = evaluate(model, key=jax.random.key(seed), n_priors=n_priors)
     summary = {k: v for k, v in res.items() if k != "per_problem"}
     if json_out:
