@@ -87,8 +87,9 @@ def test_bad_inputs(tiny_model_path, inputs, tmp_path):
     _assert_one_line_error(_run("infer", tiny_model_path, "--prior", bad, "--data", data),
                            "malformed JSON")
     # a prior that is not a valid GMM
-    (tmp_path / "off.json").write_text(json.dumps({"weights": [0.5, 0.7], "means": [[0, 0],
-                                                   [1, 1]], "scale_tril": [np.eye(2).tolist()] * 2}))
+    off = {"weights": [0.5, 0.7], "means": [[0, 0], [1, 1]],
+           "scale_tril": [np.eye(2).tolist()] * 2}
+    (tmp_path / "off.json").write_text(json.dumps(off))
     _assert_one_line_error(_run("infer", tiny_model_path, "--prior", tmp_path / "off.json",
                                 "--data", data), "summing to 1")
     # wrong dimension: prior in 3-D, data with 3 columns

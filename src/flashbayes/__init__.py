@@ -23,5 +23,5 @@ from flashbayes.distributions import GMM, fit_gmm
 __version__ = "0.1.0"
 
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
-           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "load", "load_pretrained", "reference", "tasks", "train",
-           "__version__"]
+           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "load", "load_pretrained",
+           "reference", "tasks", "train", "__version__"]

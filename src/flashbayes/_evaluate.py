@@ -11,7 +11,8 @@ import numpy as np
 from flashbayes.diagnostics import kl_divergence
 
 
-def evaluate(model, *, key: jax.Array, n_priors: int = 1000, kl_draws: int = 2000) -> dict[str, Any]:
+def evaluate(model, *, key: jax.Array, n_priors: int = 1000,
+             kl_draws: int = 2000) -> dict[str, Any]:
     """Score a model on `n_priors` fresh (prior, theta, data) draws of its task.
 
     For tasks with an exact posterior: KL(exact || model) by Monte Carlo with `kl_draws` draws

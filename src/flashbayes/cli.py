@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import random
-import sys
 from pathlib import Path
 from typing import Annotated
 

@@ -20,7 +20,8 @@ def _as_float_array(name: str, value: Any, ndim: int) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected an array of numbers; got {type(value).__name__}") from exc
+        raise TypeError(f"{name}: expected an array of numbers; got "
+                        f"{type(value).__name__}") from exc
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected an array with {ndim} dimensions; got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -54,8 +55,8 @@ def validate_gmm_arrays(weights: Any, means: Any, scale_tril: Any) -> tuple[np.n
         raise ValueError(f"weights: expected values summing to 1; got sum {w.sum():.6g}")
     upper = np.triu(s, k=1)
     if np.any(upper != 0):
-        raise ValueError("scale_tril: expected lower-triangular factors; got non-zero entries above "
-                         "the diagonal")
+        raise ValueError("scale_tril: expected lower-triangular factors; got non-zero entries "
+                         "above the diagonal")
     diag = np.diagonal(s, axis1=-2, axis2=-1)
     if np.any(diag <= 0):
         raise ValueError(f"scale_tril: expected a positive diagonal; got min {diag.min():.6g}")
@@ -124,7 +125,7 @@ class GMM:
         """Log density of each component at theta (without the weights)."""
         return _component_log_prob(self.means, self.scale_tril, jnp.asarray(theta))
 
-    def log_prob(self, theta: ArrayLike) -> Float[Array, "..."]:
+    def log_prob(self, theta: ArrayLike) -> Float[Array, ...]:
         """Log density at theta of shape (..., d)."""
         theta = jnp.asarray(theta)
         if theta.shape[-1:] != (self.dim,):
