@@ -1,0 +1,86 @@
+"""The shipped models: they load, answer validly (fast tier) and meet loose accuracy targets on
+fresh held-out draws, while a deliberately wrong posterior fails the same checks (slow tier)."""
+
+import jax
+import numpy as np
+import pytest
+
+import flashbayes as fb
+from flashbayes.amortized import PRETRAINED
+from flashbayes.diagnostics import c2st, kl_divergence
+from flashbayes.distributions import GMM
+
+FRESH_SEED = 987_654  # not used in training nor in the benchmarks
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_shipped_model_loads_and_answers(name):
+    model = fb.load_pretrained(name)
+    assert model.task.name == name
+    prob = model.task.sample_problem(jax.random.key(0), n=model.task.n_min + 3)
+    post = model.posterior(prob.prior, prob.data)
+    GMM(weights=np.asarray(post.weights, np.float64), means=post.means,
+        scale_tril=post.scale_tril)  # passes full validation
+    assert model.meta["step"] > 1000
+
+
+def test_unknown_pretrained_name():
+    with pytest.raises(ValueError, match="expected one of"):
+        fb.load_pretrained("nope")
+
+
+class _Shifted:
+    """A deliberately wrong posterior: the model's answer moved by one posterior sd."""
+
+    def __init__(self, model):
+        self.model = model
+        self.task = model.task
+
+    def posterior(self, prior, data):
+        q = self.model.posterior(prior, data)
+        sd = np.sqrt(np.diagonal(np.asarray(q.cov())))
+        return GMM.unchecked(q.weights, q.means + sd, q.scale_tril)
+
+
+def _mean_kl(model, name, n_problems):
+    task = fb.tasks.get(name)
+    kls = []
+    key = jax.random.key(FRESH_SEED)
+    for i in range(n_problems):
+        prob = task.sample_problem(jax.random.fold_in(key, i))
+        ref_prior = prob.user_prior if prob.user_prior is not None else prob.prior
+        exact = task.exact_posterior(ref_prior, prob.data)
+        q = model.posterior(prob.prior, prob.data)
+        kls.append(kl_divergence(jax.random.fold_in(key, 10_000 + i), exact, q, n=2000)[0])
+    return float(np.mean(kls))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gmm_linear", "gaussian_variance"])
+def test_shipped_model_meets_loose_kl_target_and_wrong_answer_fails(name):
+    model = fb.load_pretrained(name)
+    good = _mean_kl(model, name, 150)
+    assert good <= 0.1, f"{name}: mean KL {good:.4f} > 0.1"
+    bad = _mean_kl(_Shifted(model), name, 150)
+    assert bad > 0.1, f"a posterior shifted by one sd passed the check (KL {bad:.4f})"
+
+
+@pytest.mark.slow
+def test_logistic_model_c2st_against_nuts_and_wrong_answer_fails():
+    from flashbayes.reference import TaskNUTS
+
+    model = fb.load_pretrained("logistic_regression")
+    task = model.task
+    sampler = TaskNUTS(task, num_warmup=500, num_samples=500, num_chains=4)
+    good, bad = [], []
+    key = jax.random.key(FRESH_SEED)
+    for i in range(6):
+        prob = task.sample_problem(jax.random.fold_in(key, i))
+        ref = sampler.run(jax.random.fold_in(key, 100 + i), prob.prior, prob.data, warn=False)
+        n = ref.flat.shape[0]
+        q = model.posterior(prob.prior, prob.data)
+        good.append(c2st(ref.flat, np.asarray(q.sample(jax.random.fold_in(key, 200 + i), n))))
+        wrong = _Shifted(model).posterior(prob.prior, prob.data)
+        bad.append(c2st(ref.flat, np.asarray(wrong.sample(jax.random.fold_in(key, 300 + i), n))))
+    assert np.mean(good) <= 0.7, good
+    assert np.mean(bad) > 0.7, bad
