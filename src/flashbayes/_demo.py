@@ -65,8 +65,25 @@ def run_demo(*, key: jax.Array, n: int = 10, nuts: bool = True,
     return out
 
 
+def _hpd_levels(dist_, key, masses=(0.39, 0.86, 0.99)):
+    """Density values whose super-level sets hold the given probability masses."""
+    draws = dist_.sample(key, 4000)
+    dens = np.exp(np.asarray(dist_.log_prob(draws), np.float64))
+    return np.sort(np.quantile(dens, 1.0 - np.asarray(masses)))
+
+
+def _contours(ax, dist_, lo, hi, color, style, key):
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 220), np.linspace(lo[1], hi[1], 220))
+    grid = np.stack([gx.ravel(), gy.ravel()], -1)
+    dens = np.exp(np.asarray(dist_.log_prob(grid), np.float64)).reshape(gx.shape)
+    levels = np.unique(_hpd_levels(dist_, key))
+    if levels.size and dens.max() > levels[0]:
+        ax.contour(gx, gy, dens, levels=levels, colors=color, linestyles=style, linewidths=1.4)
+
+
 def plot_demo(prob, exact, q, task, path: str | Path, *, nuts_draws=None) -> Path:
-    """Contours of prior, exact and amortized posterior, with the data mapped to theta space."""
+    """Left: prior, data and posteriors in the prior's range. Right: a zoom on the posterior
+    with the exact and amortized contours (39/86/99 % highest-density regions) and NUTS draws."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,41 +91,45 @@ def plot_demo(prob, exact, q, task, path: str | Path, *, nuts_draws=None) -> Pat
 
     path = Path(path).resolve()
     prior = prob.prior
-    pts = [np.asarray(prior.means), np.asarray(exact.means), prob.theta[None]]
-    lo = np.min(np.concatenate(pts), 0) - 2.0
-    hi = np.max(np.concatenate(pts), 0) + 2.0
-    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
-    grid = np.stack([gx.ravel(), gy.ravel()], -1)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    styles = [(prior, "Greys", "prior"), (exact, "Blues", "exact posterior"),
-              (q, "Reds", "Distribution Transformer")]
-    handles = []
-    for dist_, cmap, label in styles:
-        dens = np.exp(np.asarray(dist_.log_prob(grid))).reshape(gx.shape)
-        levels = np.quantile(dens[dens > 0], [0.9, 0.97, 0.995]) if np.any(dens > 0) else None
-        cs = ax.contour(gx, gy, dens, levels=levels, cmap=cmap,
-                        linestyles="--" if label == "Distribution Transformer" else "-")
-        handles.append(plt.Line2D([], [], color=plt.get_cmap(cmap)(0.8), label=label,
-                                  linestyle="--" if label == "Distribution Transformer" else "-"))
-        del cs
+    key = jax.random.key(0)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    ls = np.linalg.solve(task.A, prob.data.T).T if prob.data.shape[0] else np.zeros((0, 2))
+    m, sd = np.asarray(prior.mean()), np.sqrt(np.diagonal(np.asarray(prior.cov())))
+    pts = np.concatenate([m[None] - 3 * sd, m[None] + 3 * sd, prob.theta[None]])
+    views = [(pts.min(0) - 0.5, pts.max(0) + 0.5, "prior range")]
+    em, esd = np.asarray(exact.mean()), np.sqrt(np.diagonal(np.asarray(exact.cov())))
+    views.append((em - 4 * esd, em + 4 * esd, "zoom on the posterior"))
+    for ax, (lo, hi, title) in zip(axes, views, strict=True):
+        _contours(ax, prior, lo, hi, "0.55", "-", key)
+        _contours(ax, exact, lo, hi, "tab:blue", "-", key)
+        _contours(ax, q, lo, hi, "tab:red", "--", key)
+        if nuts_draws is not None and title.startswith("zoom"):
+            ax.scatter(nuts_draws[::4, 0], nuts_draws[::4, 1], s=2, alpha=0.25,
+                       color="tab:green", zorder=1)
+        if ls.shape[0]:
+            ax.scatter(ls[:, 0], ls[:, 1], marker="x", color="black", s=25, zorder=4)
+        ax.scatter([prob.theta[0]], [prob.theta[1]], marker="*", s=220, color="gold",
+                   edgecolor="black", zorder=5)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_xlabel("theta_1")
+        ax.set_ylabel("theta_2")
+        ax.set_title(title)
+    handles = [plt.Line2D([], [], color="0.55", label="prior"),
+               plt.Line2D([], [], color="tab:blue", label="exact posterior"),
+               plt.Line2D([], [], color="tab:red", linestyle="--",
+                          label="Distribution Transformer"),
+               plt.Line2D([], [], marker="x", linestyle="", color="black",
+                          label="data mapped to theta: A^-1 x_i"),
+               plt.Line2D([], [], marker="*", linestyle="", color="gold",
+                          markeredgecolor="black", markersize=12, label="true theta")]
     if nuts_draws is not None:
-        ax.scatter(nuts_draws[::8, 0], nuts_draws[::8, 1], s=1, alpha=0.2, color="tab:green")
         handles.append(plt.Line2D([], [], marker=".", linestyle="", color="tab:green",
                                   label="NUTS draws"))
-    if prob.data.shape[0]:
-        ls = np.linalg.solve(task.A, prob.data.T).T  # each x_i mapped to A^-1 x_i
-        ax.scatter(ls[:, 0], ls[:, 1], marker="x", color="black", s=20)
-        handles.append(plt.Line2D([], [], marker="x", linestyle="", color="black",
-                                  label="data, A^-1 x_i"))
-    ax.scatter([prob.theta[0]], [prob.theta[1]], marker="*", s=200, color="gold",
-               edgecolor="black", zorder=5)
-    handles.append(plt.Line2D([], [], marker="*", linestyle="", color="gold",
-                              markeredgecolor="black", markersize=12, label="true theta"))
-    ax.set_xlabel("theta_1")
-    ax.set_ylabel("theta_2")
-    ax.set_title(f"gmm_linear: {prior.n_components}-component prior, n = {prob.data.shape[0]}")
-    ax.legend(handles=handles, loc="best", fontsize=8)
+    axes[1].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.85)
+    fig.suptitle(f"gmm_linear: {prior.n_components}-component GMM prior, n = "
+                 f"{prob.data.shape[0]} data points (contours: 39/86/99 % regions)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
