@@ -126,3 +126,38 @@ def test_fit_gmm_covariance_floor_and_errors():
         fb.fit_gmm(jax.random.key(0), np.zeros((1, 2)), 3)
     with pytest.raises(ValueError, match="finite"):
         fb.fit_gmm(jax.random.key(0), np.full((10, 1), np.nan), 2)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 4), d=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_any_valid_gmm_round_trips_json_and_has_finite_density(k, d, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(k))
+    tril = np.tril(rng.normal(size=(k, d, d)))
+    idx = np.arange(d)
+    tril[:, idx, idx] = np.exp(rng.normal(size=(k, d)))
+    g = fb.GMM(weights=w, means=rng.normal(size=(k, d)) * 3, scale_tril=tril)
+    g2 = fb.GMM.from_json(g.to_json())
+    x = rng.normal(size=(5, d))
+    np.testing.assert_allclose(np.asarray(g2.log_prob(x)), np.asarray(g.log_prob(x)), rtol=1e-5,
+                               atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(g.log_prob(x))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(0, 3), st.integers(0, 3)),
+              elements=st.floats(allow_nan=True, allow_infinity=True)))
+def test_arbitrary_arrays_never_crash_validation(a):
+    """Whatever array comes as means, the constructor either accepts or raises a clear error."""
+    try:
+        fb.GMM(weights=np.ones(max(a.shape[0], 1)) / max(a.shape[0], 1), means=a,
+               scale_tril=np.broadcast_to(np.eye(max(a.shape[1], 1)),
+                                          (max(a.shape[0], 1), max(a.shape[1], 1),
+                                           max(a.shape[1], 1))))
+    except ValueError as exc:
+        assert "expected" in str(exc)
