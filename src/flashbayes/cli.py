@@ -260,7 +260,7 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
             warnings.simplefilter("always", OutOfRangeWarning)
             t0 = time.perf_counter()
             post = model.posterior(gmm_prior, x)
-            post.weights.block_until_ready()
+            np.asarray(post.weights)
             seconds = time.perf_counter() - t0
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc

@@ -11,7 +11,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flashbayes import tasks as _tasks
@@ -116,9 +115,23 @@ class AmortizedPosterior:
         xp[:n] = x
         dmask = np.arange(nb) < n
         k = prior.n_components
-        w, m, s = self._single(prior.weights, prior.means, prior.scale_tril,
-                               np.ones(k, bool), xp, dmask)
+        kp = max(k, self.task.k_max)
+        # pad the prior to the task's component count: one compiled function for every K
+        d = self.theta_dim
+        wp = np.zeros(kp, np.float32)
+        mp = np.zeros((kp, d), np.float32)
+        sp = np.empty((kp, d, d), np.float32)
+        sp[k:] = np.eye(d, dtype=np.float32)
+        wp[:k] = np.asarray(prior.weights)
+        mp[:k] = np.asarray(prior.means)
+        sp[:k] = np.asarray(prior.scale_tril)
+        out = self._single(wp, mp, sp, np.arange(kp) < k, xp, dmask)
+        # NumPy views of the result: slicing on the host costs microseconds, not a dispatch
+        w, m, s = (np.asarray(a)[:k] for a in out)
         return GMM.unchecked(w, m, s)
+
+    def _ones(self, k: int) -> np.ndarray:
+        return np.ones(k, bool)
 
     def posterior_batch(self, priors: Sequence[GMM], data: Sequence[Any]) -> list[GMM]:
         """Posteriors for many (prior, data) pairs in one compiled call.
@@ -136,10 +149,8 @@ class AmortizedPosterior:
         arrays = self._pad(priors, xs)
         w, m, s = self.posterior_arrays(*arrays)
         w, m, s = np.asarray(w), np.asarray(m), np.asarray(s)
-        return [GMM.unchecked(jnp.asarray(w[i, :p.n_components]),
-                              jnp.asarray(m[i, :p.n_components]),
-                              jnp.asarray(s[i, :p.n_components]))
-                for i, p in enumerate(priors)]
+        return [GMM.unchecked(w[i, :p.n_components], m[i, :p.n_components],
+                              s[i, :p.n_components]) for i, p in enumerate(priors)]
 
     def posterior_arrays(self, weights, means, scale_tril, cmask, data, dmask):
         """Batched core on padded arrays (B, K), (B, K, d), (B, K, d, d), (B, K), (B, N, p),
@@ -162,7 +173,7 @@ class AmortizedPosterior:
 
     def _pad(self, priors: list[GMM], xs: list[np.ndarray]):
         b = len(priors)
-        kmax = max(p.n_components for p in priors)
+        kmax = max(max(p.n_components for p in priors), self.task.k_max)
         nb = size_bucket(max(x.shape[0] for x in xs))
         d, pdim = self.theta_dim, self.data_dim
         w = np.zeros((b, kmax), np.float32)
