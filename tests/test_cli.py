@@ -1,6 +1,7 @@
 """Every CLI command run with tiny arguments, and each kind of bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,12 @@ from typer.testing import CliRunner
 from flashbayes.cli import app
 
 runner = CliRunner()
+
+
+def fb_load(path):
+    import flashbayes as fb
+
+    return fb.load(path)
 
 
 def _run(*args):
@@ -39,9 +46,26 @@ def test_train_tiny(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "ckpt_00000002.safetensors").is_file()
-    res = _run("train", "gmm_linear", "--out", tmp_path / "run", "--steps", 3, "--batch-size",
+    # an interrupted run (only the step-2 checkpoint survives) resumes to the same model
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(tmp_path / "run" / "ckpt_00000002.safetensors", cut)
+    res = _run("train", "gmm_linear", "--out", cut, "--steps", 3, "--batch-size",
                4, "--d-model", 16, "--n-layers", 1, "--checkpoint-every", 2, "--resume")
     assert res.exit_code == 0, res.output
+    from safetensors.numpy import load_file
+
+    a = load_file(str(tmp_path / "run" / "model.safetensors"))
+    b = load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    # a --config file is honoured for fields not given on the command line
+    (tmp_path / "cfg.json").write_text(json.dumps({"steps": 2, "batch_size": 4, "d_model": 16,
+                                                   "n_layers": 1}))
+    res = _run("train", "gmm_linear", "--out", tmp_path / "c", "--config", tmp_path / "cfg.json")
+    assert res.exit_code == 0, res.output
+    assert fb_load(tmp_path / "c" / "model.safetensors").meta["step"] == 2
 
 
 def test_infer_writes_posterior_and_plot(tiny_model_path, inputs):
@@ -104,6 +128,14 @@ def test_bad_inputs(tiny_model_path, inputs, tmp_path):
     (tmp_path / "nan.csv").write_text("1,2\nnan,5\n")
     _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data",
                                 tmp_path / "nan.csv"), "finite")
+    (tmp_path / "first.csv").write_text("0.5,abc\n1,2\n")
+    _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data",
+                                tmp_path / "first.csv"), "numbers on line 1")
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
+    _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data",
+                                tmp_path / "bin.csv"), "text CSV")
+    _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data", data,
+                                "--out", tmp_path / "no" / "dir" / "p.json"), "existing folder")
     (tmp_path / "txt.csv").write_text("1,2\nfoo,5\n")
     _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data",
                                 tmp_path / "txt.csv"), "numbers on line 2")
@@ -142,12 +174,12 @@ def test_demo_runs_and_writes_picture(tmp_path):
 
 
 def test_console_script_entry_point(tmp_path):
-    """The installed command itself, in a subprocess, with an error path."""
-    res = subprocess.run([sys.executable, "-m", "flashbayes", "tasks"], capture_output=True,
-                         text=True, timeout=300)
+    """The installed `flashbayes` command itself, in a subprocess, with an error path."""
+    exe = shutil.which("flashbayes") or str(__import__("pathlib").Path(sys.executable).parent
+                                           / "flashbayes")
+    res = subprocess.run([exe, "tasks"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "gmm_linear" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "flashbayes", "infer", str(tmp_path / "x"),
-                          "--prior", "p.json", "--data", "d.csv"], capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([exe, "infer", str(tmp_path / "x"), "--prior", "p.json", "--data",
+                          "d.csv"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr

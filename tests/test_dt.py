@@ -20,7 +20,7 @@ def _perturbed_net(task, seed=0, scale=0.1):
                         scale * jax.random.normal(k2, head.bias.shape)))
 
 
-@pytest.mark.parametrize("name", ["gmm_linear", "logistic_regression"])
+@pytest.mark.parametrize("name", ["gmm_linear", "logistic_regression", "gaussian_variance"])
 def test_untrained_model_returns_prior(name):
     task = fb.tasks.get(name)
     net = DistributionTransformer(DTConfig(task.theta_dim, task.data_dim), key=jax.random.key(0))
@@ -64,6 +64,7 @@ def test_permuting_components_permutes_output_and_data_changes_nothing():
     dperm = np.random.default_rng(1).permutation(prob.data.shape[0])
     post_d = model.posterior(prob.prior, prob.data[dperm])
     np.testing.assert_allclose(np.asarray(post_d.means), np.asarray(post.means), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(post_d.weights), np.asarray(post.weights), atol=1e-5)
     np.testing.assert_allclose(np.asarray(post_d.scale_tril), np.asarray(post.scale_tril),
                                atol=1e-4)
 
@@ -78,8 +79,6 @@ def test_padding_does_not_change_the_answer():
     ref = net(*args)
     # pad data rows with garbage and components with junk, masked out
     x_pad = jnp.concatenate([args[4], 99.0 * jnp.ones((7, 2))])
-    m_pad = jnp.concatenate([args[4][:0].reshape(0, 2), jnp.zeros((0, 2))])
-    del m_pad
     w = jnp.concatenate([args[0], jnp.zeros(2)])
     mu = jnp.concatenate([args[1], 50.0 * jnp.ones((2, 2))])
     s = jnp.concatenate([args[2], 3.0 * jnp.broadcast_to(jnp.eye(2), (2, 2, 2))])
@@ -98,6 +97,8 @@ def test_batched_call_equals_single_calls():
         assert b.n_components == p.prior.n_components
         np.testing.assert_allclose(np.asarray(b.means), np.asarray(single.means), atol=1e-4)
         np.testing.assert_allclose(np.asarray(b.weights), np.asarray(single.weights), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b.scale_tril), np.asarray(single.scale_tril),
+                                   atol=1e-5)
 
 
 def test_no_recompilation_within_a_size_bucket():

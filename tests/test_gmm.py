@@ -126,6 +126,15 @@ def test_fit_gmm_covariance_floor_and_errors():
         fb.fit_gmm(jax.random.key(0), np.zeros((1, 2)), 3)
     with pytest.raises(ValueError, match="finite"):
         fb.fit_gmm(jax.random.key(0), np.full((10, 1), np.nan), 2)
+    with pytest.raises(ValueError, match="constant dimension"):
+        fb.fit_gmm(jax.random.key(0), np.ones((50, 1)), 2)
+
+
+def test_float32_overflow_is_refused():
+    with pytest.raises(ValueError, match="float32"):
+        fb.GMM(weights=[1.0], means=[[1e39]], scale_tril=[[[1.0]]])
+    with pytest.raises(ValueError, match="float32"):
+        fb.GMM(weights=[1.0], means=[[0.0]], scale_tril=[[[1e-50]]])
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -58,13 +58,24 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     resumed = fb.train("gmm_linear", cfg, key=jax.random.key(1), out_dir=tmp_path / "cut",
                        resume=True)
     for x, y in zip(_params(full), _params(resumed)):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(CheckpointError, match="another key"):
+        fb.train("gmm_linear", cfg, key=jax.random.key(2), out_dir=tmp_path / "cut",
+                 resume=True)
     # resuming with other settings is refused rather than silently mixing runs
     other = fb.TrainConfig(steps=8, batch_size=8, d_model=16, n_layers=1, n_heads=2,
                            checkpoint_every=3, log_every=1, warmup_steps=2)
     with pytest.raises(CheckpointError, match="another train config"):
         fb.train("gmm_linear", other, key=jax.random.key(1), out_dir=tmp_path / "cut",
                  resume=True)
+
+
+def test_task_parameters_travel_with_the_checkpoint(tmp_path, tiny_cfg):
+    task = GMMLinear(noise_sd=1.25)
+    model = fb.train(task, tiny_cfg, key=jax.random.key(0))
+    loaded = fb.load(model.save(tmp_path / "m.safetensors"))
+    assert loaded.task.noise_sd == 1.25
+    assert oct((tmp_path / "m.safetensors").stat().st_mode & 0o777) != oct(0o600)
 
 
 def test_checkpoint_round_trip(tiny_model_path):
@@ -123,6 +134,20 @@ def test_nan_guard_stops_and_keeps_weights():
     assert events and all("non-finite" in e.message for e in events)
 
 
+def test_nan_steps_leave_weights_exactly_as_initialised():
+    from flashbayes.amortized import DistributionTransformer
+
+    cfg = fb.TrainConfig(steps=5, batch_size=8, d_model=16, n_layers=1, n_heads=2,
+                         max_bad_steps=100, log_every=1)
+    task = _NaNTask(1.0)
+    model = fb.train(task, cfg, key=jax.random.key(0))
+    init = DistributionTransformer(cfg.model_config(task),
+                                   key=jax.random.split(jax.random.key(0), 3)[0])
+    for x, y in zip(_params(model), [np.asarray(a) for a in jax.tree_util.tree_leaves(
+            eqx.filter(init, eqx.is_array))]):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_nan_guard_skips_bad_steps_without_corrupting_weights():
     cfg = fb.TrainConfig(steps=30, batch_size=8, d_model=16, n_layers=1, n_heads=2,
                          max_bad_steps=30, log_every=1)
@@ -138,6 +163,10 @@ def test_nan_guard_skips_bad_steps_without_corrupting_weights():
 def test_config_validation():
     with pytest.raises(ValueError, match="steps"):
         fb.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        fb.TrainConfig(grad_clip=-1.0)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        fb.TrainConfig(mlp_ratio=True)
     with pytest.raises(ValueError, match="multiple of n_heads"):
         fb.TrainConfig(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="unknown"):

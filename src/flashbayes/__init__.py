@@ -6,7 +6,7 @@ Example:
     True
 """
 
-from flashbayes import diagnostics, reference, tasks
+from flashbayes import diagnostics, tasks
 from flashbayes.amortized import (
     AmortizedPosterior,
     CheckpointError,
@@ -25,3 +25,12 @@ __version__ = "0.1.0"
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
            "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "load", "load_pretrained",
            "reference", "tasks", "train", "__version__"]
+
+
+def __getattr__(name: str):
+    # the reference engines pull in BlackJAX and NumPyro: imported on first use only
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module("flashbayes.reference")
+    raise AttributeError(f"module 'flashbayes' has no attribute {name!r}")

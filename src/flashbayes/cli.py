@@ -33,12 +33,14 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from flashbayes.amortized import CheckpointError
+        from flashbayes.amortized import CheckpointError, TrainingError
 
         try:
             return fn(*args, **kwargs)
-        except (UsageError, CheckpointError) as exc:
+        except (UsageError, CheckpointError, TrainingError, FileNotFoundError) as exc:
             _fail(str(exc))
+        except OSError as exc:  # e.g. an output folder that does not exist
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
 
     return wrapper
 
@@ -78,11 +80,25 @@ def _read_prior(path: Path, dim: int):
         raise UsageError(f"--prior: expected a JSON file; got {path} (no such file)")
     try:
         prior = GMM.from_json(path.read_text())
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--prior {path}: {exc}") from exc
     if prior.dim != dim:
         raise UsageError(f"--prior {path}: expected a prior of dimension {dim}; got {prior.dim}")
     return prior
+
+
+def _check_out_folder(option: str, path: Path | None) -> None:
+    if path is not None and not path.resolve().parent.is_dir():
+        raise UsageError(f"{option}: expected a path in an existing folder; got {path} (no folder "
+                         f"{path.resolve().parent})")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_csv(path: Path, width: int):
@@ -90,14 +106,19 @@ def _read_csv(path: Path, width: int):
 
     if not path.is_file():
         raise UsageError(f"--data: expected a CSV file; got {path} (no such file)")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--data {path}: expected a text CSV file; got undecodable bytes") \
+            from exc
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     rows = []
     for i, line in enumerate(lines):
         cells = [c.strip() for c in line.split(",")]
         try:
             values = [float(c) for c in cells]
         except ValueError:
-            if i == 0:  # a header row
+            if i == 0 and not any(_is_number(c) for c in cells):  # a header row
                 continue
             raise UsageError(f"--data {path}: expected numbers on line {i + 1}; got "
                              f"{line[:60]!r}") from None
@@ -126,6 +147,7 @@ def demo(seed: Annotated[int | None, typer.Option(help="PRNG seed (random if omi
     if not 0 <= n <= 20:
         raise UsageError(f"--n: expected 0..20 (the range the shipped model was trained on); "
                          f"got {n}")
+    _check_out_folder("--plot", plot)
     seed = random.randrange(2**31) if seed is None else seed
     with console.status("loading the model, drawing a problem, running the engines..."):
         out = run_demo(key=jax.random.key(seed), n=n, nuts=nuts, plot=plot)
@@ -172,10 +194,14 @@ def tasks_cmd():
 @_user_errors
 def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes tasks`)")],
           out: Annotated[Path, typer.Option(help="folder for checkpoints and the model")],
-          steps: Annotated[int, typer.Option(help="optimiser steps")] = 20_000,
-          batch_size: Annotated[int, typer.Option(help="problems per step")] = 256,
-          learning_rate: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
-          checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
+          steps: Annotated[int | None, typer.Option(help="optimiser steps [default: 20000]")]
+          = None,
+          batch_size: Annotated[int | None, typer.Option(help="problems per step [default: 256]")]
+          = None,
+          learning_rate: Annotated[float | None, typer.Option(
+              help="peak learning rate [default: 1e-3]")] = None,
+          checkpoint_every: Annotated[int | None, typer.Option(
+              help="steps between checkpoints [default: 1000]")] = None,
           seed: Annotated[int, typer.Option(help="PRNG seed")] = 0,
           config: Annotated[Path | None, typer.Option(
               help="JSON file of TrainConfig fields (command-line options win)")] = None,
@@ -202,12 +228,9 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
         if not isinstance(fields, dict):
             raise UsageError(f"--config {config}: expected a JSON object; got "
                              f"{type(fields).__name__}")
-    fields.update(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                  checkpoint_every=checkpoint_every)
-    if d_model is not None:
-        fields["d_model"] = d_model
-    if n_layers is not None:
-        fields["n_layers"] = n_layers
+    given = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
+             "checkpoint_every": checkpoint_every, "d_model": d_model, "n_layers": n_layers}
+    fields.update({k: v for k, v in given.items() if v is not None})
     try:
         cfg = fb.TrainConfig.from_dict(fields)
     except (TypeError, ValueError) as exc:
@@ -252,6 +275,8 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
 
     from flashbayes.amortized import OutOfRangeWarning
 
+    _check_out_folder("--out", out)
+    _check_out_folder("--plot", plot)
     model = _load_model(checkpoint, task)
     gmm_prior = _read_prior(prior, model.theta_dim)
     x = _read_csv(data, model.data_dim)
@@ -262,7 +287,7 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
             post = model.posterior(gmm_prior, x)
             np.asarray(post.weights)
             seconds = time.perf_counter() - t0
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {w.message}")

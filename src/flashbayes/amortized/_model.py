@@ -128,10 +128,10 @@ class AmortizedPosterior:
         out = self._single(wp, mp, sp, np.arange(kp) < k, xp, dmask)
         # NumPy views of the result: slicing on the host costs microseconds, not a dispatch
         w, m, s = (np.asarray(a)[:k] for a in out)
+        if not (np.isfinite(w).all() and np.isfinite(m).all() and np.isfinite(s).all()):
+            raise FloatingPointError("posterior: the network returned non-finite values for this "
+                                     "input (prior or data far outside the training range?)")
         return GMM.unchecked(w, m, s)
-
-    def _ones(self, k: int) -> np.ndarray:
-        return np.ones(k, bool)
 
     def posterior_batch(self, priors: Sequence[GMM], data: Sequence[Any]) -> list[GMM]:
         """Posteriors for many (prior, data) pairs in one compiled call.
@@ -149,6 +149,10 @@ class AmortizedPosterior:
         arrays = self._pad(priors, xs)
         w, m, s = self.posterior_arrays(*arrays)
         w, m, s = np.asarray(w), np.asarray(m), np.asarray(s)
+        bad = ~(np.isfinite(w).all(1) & np.isfinite(m).all((1, 2)) & np.isfinite(s).all((1, 2, 3)))
+        if bad.any():
+            raise FloatingPointError(f"posterior_batch: non-finite output for {int(bad.sum())} "
+                                     f"pair(s), first at index {int(np.argmax(bad))}")
         return [GMM.unchecked(w[i, :p.n_components], m[i, :p.n_components],
                               s[i, :p.n_components]) for i, p in enumerate(priors)]
 
@@ -204,8 +208,9 @@ class AmortizedPosterior:
 def network_from_header(header: dict) -> DistributionTransformer:
     try:
         config = DTConfig.from_dict(header["model_config"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError("checkpoint: expected a model_config in the header") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: expected a valid model_config in the header ({exc})") \
+            from exc
     return DistributionTransformer(config, key=jax.random.key(0))
 
 

@@ -68,10 +68,16 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_bad_steps",
-                     "d_model", "n_layers", "n_heads"):
+                     "d_model", "n_layers", "n_heads", "mlp_ratio", "data_layers"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer; got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an integer >= 0; got {self.warmup_steps!r}")
+        for name in ("grad_clip", "weight_decay", "final_lr_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not v >= 0 or v != v:
+                raise ValueError(f"{name}: expected a number >= 0; got {v!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate: expected > 0; got {self.learning_rate}")
         if self.d_model % self.n_heads:
@@ -136,7 +142,7 @@ def _task_name(task: _tasks.Task | str) -> tuple[_tasks.Task, dict]:
     if isinstance(task, str):
         return _tasks.get(task), {}
     if isinstance(task, _tasks.Task):
-        return task, getattr(task, "_params", {})
+        return task, _tasks.task_params(task)
     raise TypeError(f"task: expected a task name or Task; got {type(task).__name__}")
 
 
@@ -188,6 +194,12 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
             if header.get("train_config") != cfg.to_dict():
                 raise CheckpointError(f"resume: the checkpoint {last} was written with another "
                                       "train config; resume with the same settings")
+            if header.get("key") != np.asarray(jax.random.key_data(key)).tolist():
+                raise CheckpointError(f"resume: the checkpoint {last} was written with another "
+                                      "key (seed); resume with the same key")
+            if header.get("task_params", {}) != task_params:
+                raise CheckpointError(f"resume: the checkpoint {last} was written for other "
+                                      "task parameters")
             if not has_tree(last, "opt"):
                 raise CheckpointError(f"resume: {last} holds no optimiser state")
             params = load_tree(last, "params", params)
@@ -233,24 +245,25 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
     losses: list[float] = []
     for step in range(start, cfg.steps):
         params, opt_state, loss, finite = step_fn(params, opt_state, jnp.asarray(step))
+        done = step + 1
         if not bool(finite):
             bad += 1
             if callback is not None:
-                callback(TrainEvent(step + 1, cfg.steps, float("nan"), 0.0, bad,
-                                    f"non-finite loss at step {step + 1}; update skipped"))
+                callback(TrainEvent(done, cfg.steps, float("nan"), 0.0, bad,
+                                    f"non-finite loss at step {done}; update skipped"))
             if bad >= cfg.max_bad_steps:
                 raise TrainingError(f"training stopped: {bad} consecutive non-finite losses "
-                                    f"(last at step {step + 1}); weights kept from before them")
-            continue
-        bad = 0
-        losses.append(float(loss))
-        done = step + 1
-        if callback is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+                                    f"(last at step {done}); weights kept from before them")
+        else:
+            bad = 0
+            losses.append(float(loss))
+        if finite and callback is not None and (done % cfg.log_every == 0 or
+                                                done == cfg.steps):
             now = time.perf_counter()
             rate = (done - s_last) / max(now - t_last, 1e-9)
             t_last, s_last = now, done
-            callback(TrainEvent(done, cfg.steps, float(np.mean(losses[-cfg.log_every:])), rate,
-                                0))
+            recent = losses[-cfg.log_every:] or [float("nan")]
+            callback(TrainEvent(done, cfg.steps, float(np.mean(recent)), rate, 0))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             write(done, elapsed_before + time.perf_counter() - t0)
     total_seconds = elapsed_before + time.perf_counter() - t0

@@ -16,9 +16,9 @@ def fit_gmm(key: Array, samples: ArrayLike, n_components: int, *, n_iter: int = 
             cov_floor: float = 1e-6) -> GMM:
     """Fit a GMM to samples by expectation-maximisation.
 
-    Initialisation is k-means++ seeding from `key`; the covariance of every component is floored
-    at `cov_floor` times the overall sample variance (per dimension) so that no component
-    collapses onto a single draw.
+    Initialisation is k-means++ seeding from `key`. A ridge of `cov_floor` times the overall
+    sample variance (per dimension) is added to every component covariance at each M-step, so
+    that no component collapses onto a single draw.
 
     Args:
         key: PRNG key for the initialisation.
@@ -48,6 +48,10 @@ def fit_gmm(key: Array, samples: ArrayLike, n_components: int, *, n_iter: int = 
                          f"{x.shape[0]}")
     if not np.all(np.isfinite(x)):
         raise ValueError("samples: expected finite values; got NaN or inf")
+    spread = x.std(0)
+    if np.any(spread <= 1e-12 * (1.0 + np.abs(x).max(0))):
+        raise ValueError("samples: expected every dimension to vary; got a constant dimension "
+                         f"(index {int(np.argmin(spread))})")
     w, m, s = fit_gmm_arrays(key, jnp.asarray(x, jnp.float32), int(n_components),
                              n_iter=int(n_iter), cov_floor=float(cov_floor))
     return GMM.unchecked(w, m, s)

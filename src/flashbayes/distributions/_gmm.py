@@ -60,6 +60,15 @@ def validate_gmm_arrays(weights: Any, means: Any, scale_tril: Any) -> tuple[np.n
     diag = np.diagonal(s, axis1=-2, axis2=-1)
     if np.any(diag <= 0):
         raise ValueError(f"scale_tril: expected a positive diagonal; got min {diag.min():.6g}")
+    for name, arr in (("means", m), ("scale_tril", s)):
+        with np.errstate(over="ignore"):
+            overflow = np.any(~np.isfinite(arr.astype(np.float32)))
+        if overflow:
+            raise ValueError(f"{name}: expected values within float32 range (|x| < 3.4e38); "
+                             "got values that overflow")
+    if np.any(diag.astype(np.float32) <= 0):
+        raise ValueError("scale_tril: expected a diagonal representable in float32 (> 1e-38); "
+                         "got values that underflow to 0")
     return w / w.sum(), m, s
 
 
@@ -176,11 +185,10 @@ class GMM:
         w = jax.nn.softmax(logw)
         return GMM.unchecked(w, means, jnp.linalg.cholesky(cov))
 
-    def to_inference_data(self, key: Array | None = None, n: int = 1000):
-        """Draws as an ArviZ InferenceData (requires arviz)."""
+    def to_inference_data(self, key: Array, n: int = 1000):
+        """n draws as an ArviZ InferenceData (requires arviz)."""
         import arviz as az
 
-        key = jax.random.key(0) if key is None else key
         draws = np.asarray(self.sample(key, n))
         return az.from_dict(posterior={"theta": draws[None]})
 

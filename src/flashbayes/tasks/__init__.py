@@ -7,9 +7,9 @@ Example:
 """
 
 from flashbayes.tasks import _linear, _logistic, _variance  # noqa: F401  (registration)
-from flashbayes.tasks._base import Batch, Problem, Task, get, names, register
+from flashbayes.tasks._base import Batch, Problem, Task, get, names, register, task_params
 from flashbayes.tasks._linear import gaussian_sum_update
 from flashbayes.tasks._variance import LogInverseGamma
 
 __all__ = ["Batch", "LogInverseGamma", "Problem", "Task", "gaussian_sum_update", "get", "names",
-           "register"]
+           "register", "task_params"]

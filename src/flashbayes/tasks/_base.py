@@ -4,6 +4,7 @@ posterior. Every task is one registry entry."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,15 @@ def register(name: str):
     def deco(cls):
         if name in _REGISTRY:
             raise ValueError(f"task {name!r} is already registered")
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def recording_init(self, **params):
+            init(self, **params)
+            if not hasattr(self, "_params"):  # the outermost constructor records its arguments
+                self._params = params
+
+        cls.__init__ = recording_init
         _REGISTRY[name] = cls
         cls.name = name
         return cls
@@ -41,9 +51,20 @@ def get(name: str, **params: Any) -> Task:
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"task: expected one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
-    task = _REGISTRY[name](**params)
-    task._params = dict(params)
-    return task
+    return _REGISTRY[name](**params)
+
+
+def task_params(task: Task) -> dict:
+    """The constructor parameters of a task, as JSON-ready values (for checkpoint headers)."""
+
+    def plain(v):
+        if isinstance(v, np.ndarray | jax.Array):
+            return np.asarray(v).tolist()
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in getattr(task, "_params", {}).items()}
 
 
 def names() -> list[str]:
