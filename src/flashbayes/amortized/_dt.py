@@ -17,8 +17,28 @@ from jaxtyping import Array, Bool, Float
 from flashbayes.distributions import gmm_moments
 
 
+class ConfigDict:
+    """Dict round trip for frozen config dataclasses, refusing unknown keys."""
+
+    _what = "config"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{cls._what}: expected a JSON object; got {type(obj).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise ValueError(f"{cls._what}: expected keys among {sorted(names)}; got unknown "
+                             f"{sorted(unknown)}")
+        return cls(**obj)
+
+
 @dataclasses.dataclass(frozen=True)
-class DTConfig:
+class DTConfig(ConfigDict):
     """Architecture of a Distribution Transformer.
 
     Attributes:
@@ -41,17 +61,7 @@ class DTConfig:
     data_layers: int = 2
     n_scale: float = 20.0
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, obj: dict) -> DTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(obj) - names
-        if unknown:
-            raise ValueError(f"model config: expected keys among {sorted(names)}; got unknown "
-                             f"{sorted(unknown)}")
-        return cls(**obj)
+    _what = "model config"
 
 
 def _n_tril(d: int) -> int:

@@ -23,7 +23,7 @@ from flashbayes.amortized._checkpoint import (
     read_header,
     save_checkpoint,
 )
-from flashbayes.amortized._dt import DistributionTransformer, DTConfig
+from flashbayes.amortized._dt import ConfigDict, DistributionTransformer, DTConfig
 from flashbayes.amortized._model import KIND, AmortizedPosterior
 
 _CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
@@ -34,7 +34,7 @@ class TrainingError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigDict):
     """Optimisation settings.
 
     Attributes:
@@ -60,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     max_bad_steps: int = 20
+    _what = "train config"
     d_model: int = 64
     n_layers: int = 3
     n_heads: int = 4
@@ -83,18 +84,6 @@ class TrainConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got "
                              f"{self.d_model}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, obj: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(obj) - names
-        if unknown:
-            raise ValueError(f"train config: expected keys among {sorted(names)}; got unknown "
-                             f"{sorted(unknown)}")
-        return cls(**obj)
 
     def model_config(self, task: _tasks.Task) -> DTConfig:
         return DTConfig(theta_dim=task.theta_dim, data_dim=task.data_dim, d_model=self.d_model,

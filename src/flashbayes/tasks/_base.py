@@ -210,6 +210,17 @@ class Task:
 # -- shared prior family ------------------------------------------------------------------------
 
 
+class GMMFamilyPrior:
+    """Mixin: priors from `sample_gmm_family` with the task's k/mean/scale ranges."""
+
+    def _sample_prior(self, key, state):
+        w, m, s, cmask = sample_gmm_family(
+            key, d=self.theta_dim, k_min=self.k_min, k_max=self.k_max,
+            mean_low=self.mean_range[0], mean_high=self.mean_range[1],
+            scale_low=self.scale_range[0], scale_high=self.scale_range[1])
+        return w, m, s, cmask, None
+
+
 def random_rotation(key: Array, d: int) -> Array:
     """A uniformly random rotation (Haar measure via QR with sign fix)."""
     g = jax.random.normal(key, (d, d))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashbayes.distributions import GMM
-from flashbayes.tasks._base import Task, register, sample_gmm_family
+from flashbayes.tasks._base import GMMFamilyPrior, Task, register
 
 
 def gaussian_sum_update(prior: GMM, a_mat: np.ndarray, noise_cov: np.ndarray,
@@ -52,7 +52,7 @@ def gaussian_sum_update(prior: GMM, a_mat: np.ndarray, noise_cov: np.ndarray,
 
 
 @register("gmm_linear")
-class GMMLinear(Task):
+class GMMLinear(GMMFamilyPrior, Task):
     """theta in R^d with a GMM prior; x_i = A theta + eps_i, eps_i ~ N(0, noise_sd^2 I).
 
     Example:
@@ -84,13 +84,6 @@ class GMMLinear(Task):
         self.mean_range = tuple(mean_range)
         self.scale_range = tuple(scale_range)
         self._a = jnp.asarray(self.A, jnp.float32)
-
-    def _sample_prior(self, key, state):
-        w, m, s, cmask = sample_gmm_family(
-            key, d=self.theta_dim, k_min=self.k_min, k_max=self.k_max,
-            mean_low=self.mean_range[0], mean_high=self.mean_range[1],
-            scale_low=self.scale_range[0], scale_high=self.scale_range[1])
-        return w, m, s, cmask, None
 
     def _simulate(self, key, theta, n):
         eps = jax.random.normal(key, (n, self.data_dim)) * self.noise_sd

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flashbayes.tasks._base import Task, register, sample_gmm_family
+from flashbayes.tasks._base import GMMFamilyPrior, Task, register
 
 
 @register("logistic_regression")
-class LogisticRegression(Task):
+class LogisticRegression(GMMFamilyPrior, Task):
     """theta = (w_1..w_p, b); rows (x_1..x_p, y) with x ~ N(0, I), y ~ Bernoulli(sigmoid(w.x + b)).
 
     Example:
@@ -32,13 +32,6 @@ class LogisticRegression(Task):
         self.n_min, self.n_max = int(n_min), int(n_max)
         self.k_min, self.k_max = int(k_min), int(k_max)
         self.mean_range, self.scale_range = tuple(mean_range), tuple(scale_range)
-
-    def _sample_prior(self, key, state):
-        w, m, s, cmask = sample_gmm_family(
-            key, d=self.theta_dim, k_min=self.k_min, k_max=self.k_max,
-            mean_low=self.mean_range[0], mean_high=self.mean_range[1],
-            scale_low=self.scale_range[0], scale_high=self.scale_range[1])
-        return w, m, s, cmask, None
 
     def _simulate(self, key, theta, n):
         kx, ky = jax.random.split(key)
