@@ -24,6 +24,7 @@ from flashbayes.amortized._dt import DistributionTransformer, DTConfig
 from flashbayes.distributions import GMM
 
 KIND = "distribution_transformer"
+CHUNK = 256  # problems per compiled batched call (measured: larger chunks run slower here)
 
 
 class OutOfRangeWarning(UserWarning):
@@ -156,24 +157,64 @@ class AmortizedPosterior:
         return [GMM.unchecked(w[i, :p.n_components], m[i, :p.n_components],
                               s[i, :p.n_components]) for i, p in enumerate(priors)]
 
-    def posterior_arrays(self, weights, means, scale_tril, cmask, data, dmask):
+    def posterior_arrays(self, weights, means, scale_tril, cmask, data, dmask, *,
+                         chunk: int = CHUNK):
         """Batched core on padded arrays (B, K), (B, K, d), (B, K, d, d), (B, K), (B, N, p),
-        (B, N); returns padded posterior (weights, means, scale_tril). The batch is padded to a
-        power of two so that few shapes are compiled."""
+        (B, N); returns padded posterior (weights, means, scale_tril) as NumPy arrays.
+
+        Rows are grouped by data-set size bucket (each group is cut to its bucket's width, so
+        small data sets do not pay for the largest) and run in chunks of at most `chunk`
+        problems, each padded to a power of two so that few shapes are compiled.
+        """
+        weights, means, scale_tril = (np.asarray(a, np.float32) for a in (weights, means,
+                                                                           scale_tril))
+        cmask, data, dmask = np.asarray(cmask, bool), np.asarray(data, np.float32), \
+            np.asarray(dmask, bool)
+        b, width = dmask.shape
+        counts = dmask.sum(1)
+        if not np.array_equal(dmask, np.arange(width)[None, :] < counts[:, None]):
+            # masks that are not prefixes: move the real rows to the front (order is irrelevant)
+            order = np.argsort(~dmask, axis=1, kind="stable")
+            data = np.take_along_axis(data, order[:, :, None], axis=1)
+            dmask = np.arange(width)[None, :] < counts[:, None]
+        buckets = np.array([size_bucket(int(c)) for c in np.unique(counts)])
+        row_bucket = {int(c): size_bucket(int(c)) for c in np.unique(counts)}
+        per_row = np.array([row_bucket[int(c)] for c in counts]) if b else np.zeros(0, int)
+        out_w = np.empty_like(weights)
+        out_m = np.empty_like(means)
+        out_s = np.empty_like(scale_tril)
+        for nb in np.unique(buckets):
+            rows = np.flatnonzero(per_row == nb)
+            nb = int(nb)
+            if width >= nb:
+                x_b, m_b = data[rows, :nb], dmask[rows, :nb]
+            else:
+                x_b = np.zeros((rows.size, nb, data.shape[2]), np.float32)
+                x_b[:, :width] = data[rows]
+                m_b = np.zeros((rows.size, nb), bool)
+                m_b[:, :width] = dmask[rows]
+            for start in range(0, rows.size, chunk):
+                sel = slice(start, start + chunk)
+                res = self._run_chunk(weights[rows[sel]], means[rows[sel]],
+                                      scale_tril[rows[sel]], cmask[rows[sel]], x_b[sel], m_b[sel])
+                out_w[rows[sel]], out_m[rows[sel]], out_s[rows[sel]] = res
+        return out_w, out_m, out_s
+
+    def _run_chunk(self, weights, means, scale_tril, cmask, data, dmask):
         b = weights.shape[0]
         bb = _batch_bucket(b)
         if bb != b:
             def pad(a, fill=0):
                 widths = [(0, bb - b)] + [(0, 0)] * (np.ndim(a) - 1)
-                return np.pad(np.asarray(a), widths, constant_values=fill)
+                return np.pad(a, widths, constant_values=fill)
 
             eye = np.broadcast_to(np.eye(self.theta_dim, dtype=np.float32),
-                                  (bb - b,) + np.shape(scale_tril)[1:])
-            weights = pad(weights, 1.0 / np.shape(weights)[1])
+                                  (bb - b,) + scale_tril.shape[1:])
+            weights = pad(weights, 1.0 / weights.shape[1])
             means, cmask, data, dmask = pad(means), pad(cmask, True), pad(data), pad(dmask)
-            scale_tril = np.concatenate([np.asarray(scale_tril), eye], 0)
+            scale_tril = np.concatenate([scale_tril, eye], 0)
         w, m, s = self._batched(weights, means, scale_tril, cmask, data, dmask)
-        return w[:b], m[:b], s[:b]
+        return np.asarray(w)[:b], np.asarray(m)[:b], np.asarray(s)[:b]
 
     def _pad(self, priors: list[GMM], xs: list[np.ndarray]):
         b = len(priors)
@@ -201,7 +242,8 @@ class AmortizedPosterior:
         """Write the weights (no optimiser state) to a safetensors checkpoint."""
         header = {"kind": KIND, "task": self.task.name, "task_params": self.meta.get(
             "task_params", {}), "model_config": self.config.to_dict(),
-            "step": self.meta.get("step", 0), "train_config": self.meta.get("train_config")}
+            "step": self.meta.get("step", 0), "train_config": self.meta.get("train_config"),
+            "train_seconds": self.meta.get("train_seconds")}
         return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
 
 
