@@ -149,8 +149,9 @@ def to_markdown(res: dict) -> str:
         lines += ["", f"The NUTS reference for logistic regression had split R-hat up to "
                   f"{r['nuts_max_rhat']:.2f} and {r['nuts_divergences_total']} divergences over "
                   "the 50 problems: on some multimodal posteriors (GMM priors with separated "
-                  "modes and few data) the 4 chains do not mix between modes, and there the "
-                  "reference, not the DT, is the weaker side of the C2ST.", ""]
+                  "modes and few data) the 4 chains do not mix between modes, so there the C2ST "
+                  "compares against an unreliable reference (an amortized-vs-SMC check is "
+                  "future work).", ""]
     if "speed" in res:
         s = res["speed"]
         lines += ["## Speed (same problem: Gaussian prior, 10 points)", "",
