@@ -189,7 +189,13 @@ def main():
     md = to_markdown(res)
     _write_atomic(args.out.with_suffix(".md"), md)
     if args.only is None and args.out == RESULTS / "foundation.json":
-        _write_atomic(DOCS / "results.md", RESULTS_HEADER + md.split("\n", 1)[1])
+        doc = RESULTS_HEADER + md.split("\n", 1)[1]
+        speed_md = RESULTS / "train_speed.md"
+        if speed_md.exists():  # written by benchmarks/train_speed.py
+            doc += ("\n## Training time (2 CPU cores)\n\nFrom `python benchmarks/train_speed.py` "
+                    "(each configuration alone; `benchmarks/results/train_speed.json`):\n\n"
+                    + speed_md.read_text())
+        _write_atomic(DOCS / "results.md", doc)
     print(md)
 
 
