@@ -25,12 +25,10 @@ def evaluate(model, *, key: jax.Array, n_priors: int = 1000,
     if not isinstance(n_priors, int) or n_priors < 1:
         raise ValueError(f"n_priors: expected a positive integer; got {n_priors!r}")
     k_prob, k_kl = jax.random.split(key)
-    state = task.prepare(jax.random.fold_in(k_prob, 1)) if task.name != "gaussian_variance" \
-        else None
     kls, nll_model, nll_ref, ns = [], [], [], []
     t_model = 0.0
     for i in range(n_priors):
-        prob = task.sample_problem(jax.random.fold_in(k_prob, i), state=state)
+        prob = task.sample_problem(jax.random.fold_in(k_prob, i))
         t0 = time.perf_counter()
         q = model.posterior(prob.prior, prob.data)
         t_model += time.perf_counter() - t0

@@ -1,5 +1,6 @@
 """Amortized models: the Distribution Transformer, its training loop and checkpoints."""
 
+from flashbayes._padding import size_bucket
 from flashbayes.amortized._checkpoint import FORMAT_VERSION, CheckpointError
 from flashbayes.amortized._dt import DistributionTransformer, DTConfig
 from flashbayes.amortized._model import (
@@ -8,7 +9,6 @@ from flashbayes.amortized._model import (
     OutOfRangeWarning,
     load,
     load_pretrained,
-    size_bucket,
 )
 from flashbayes.amortized._train import (
     TrainConfig,

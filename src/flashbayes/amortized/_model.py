@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from flashbayes import tasks as _tasks
+from flashbayes._padding import pad_prior, pad_rows, size_bucket
 from flashbayes.amortized._checkpoint import (
     CheckpointError,
     load_tree,
@@ -29,14 +30,6 @@ CHUNK = 256  # problems per compiled batched call (measured: larger chunks run s
 
 class OutOfRangeWarning(UserWarning):
     """The input lies outside what the model was trained on."""
-
-
-def size_bucket(n: int) -> int:
-    """Padded length for a data set of n rows: 4, 6, 8, 12, 16, 24, 32, 48, ..."""
-    b = 4
-    while b < n:
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else b * 4 // 3
-    return b
 
 
 def _batch_bucket(b: int) -> int:
@@ -62,9 +55,8 @@ class AmortizedPosterior:
         self.network = network
         self.task = task
         self.meta = dict(meta or {})
-        net = network
-        self._single = jax.jit(lambda w, m, s, c, x, dm: net(w, m, s, c, x, dm))
-        self._batched = jax.jit(jax.vmap(lambda w, m, s, c, x, dm: net(w, m, s, c, x, dm)))
+        self._single = jax.jit(network.__call__)
+        self._batched = jax.jit(jax.vmap(network.__call__))
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -110,26 +102,13 @@ class AmortizedPosterior:
         ok, why = self.in_training_range(prior, x)
         if not ok:
             warnings.warn(f"outside the training range: {why}", OutOfRangeWarning, stacklevel=2)
-        n = x.shape[0]
-        nb = size_bucket(n)
-        xp = np.zeros((nb, self.data_dim), np.float32)
-        xp[:n] = x
-        dmask = np.arange(nb) < n
         k = prior.n_components
-        kp = max(k, self.task.k_max)
-        # pad the prior to the task's component count: one compiled function for every K
-        d = self.theta_dim
-        wp = np.zeros(kp, np.float32)
-        mp = np.zeros((kp, d), np.float32)
-        sp = np.empty((kp, d, d), np.float32)
-        sp[k:] = np.eye(d, dtype=np.float32)
-        wp[:k] = np.asarray(prior.weights)
-        mp[:k] = np.asarray(prior.means)
-        sp[:k] = np.asarray(prior.scale_tril)
-        out = self._single(wp, mp, sp, np.arange(kp) < k, xp, dmask)
+        # the prior is padded to the task's component count: one compiled function for every K
+        out = self._single(*pad_prior(prior, max(k, self.task.k_max)),
+                           *pad_rows(x, size_bucket(x.shape[0])))
         # NumPy views of the result: slicing on the host costs microseconds, not a dispatch
         w, m, s = (np.asarray(a)[:k] for a in out)
-        if not (np.isfinite(w).all() and np.isfinite(m).all() and np.isfinite(s).all()):
+        if not _finite_rows(w[None], m[None], s[None])[0]:
             raise FloatingPointError("posterior: the network returned non-finite values for this "
                                      "input (prior or data far outside the training range?)")
         return GMM.unchecked(w, m, s)
@@ -149,8 +128,7 @@ class AmortizedPosterior:
         xs = [self.task.validate_data(x) for x in data]
         arrays = self._pad(priors, xs)
         w, m, s = self.posterior_arrays(*arrays)
-        w, m, s = np.asarray(w), np.asarray(m), np.asarray(s)
-        bad = ~(np.isfinite(w).all(1) & np.isfinite(m).all((1, 2)) & np.isfinite(s).all((1, 2, 3)))
+        bad = ~_finite_rows(w, m, s)
         if bad.any():
             raise FloatingPointError(f"posterior_batch: non-finite output for {int(bad.sum())} "
                                      f"pair(s), first at index {int(np.argmax(bad))}")
@@ -170,20 +148,19 @@ class AmortizedPosterior:
                                                                            scale_tril))
         cmask, data, dmask = np.asarray(cmask, bool), np.asarray(data, np.float32), \
             np.asarray(dmask, bool)
-        b, width = dmask.shape
+        width = dmask.shape[1]
         counts = dmask.sum(1)
         if not np.array_equal(dmask, np.arange(width)[None, :] < counts[:, None]):
             # masks that are not prefixes: move the real rows to the front (order is irrelevant)
             order = np.argsort(~dmask, axis=1, kind="stable")
             data = np.take_along_axis(data, order[:, :, None], axis=1)
             dmask = np.arange(width)[None, :] < counts[:, None]
-        buckets = np.array([size_bucket(int(c)) for c in np.unique(counts)])
-        row_bucket = {int(c): size_bucket(int(c)) for c in np.unique(counts)}
-        per_row = np.array([row_bucket[int(c)] for c in counts]) if b else np.zeros(0, int)
+        sizes, inverse = np.unique(counts, return_inverse=True)
+        per_row = np.array([size_bucket(int(c)) for c in sizes], int)[inverse]
         out_w = np.empty_like(weights)
         out_m = np.empty_like(means)
         out_s = np.empty_like(scale_tril)
-        for nb in np.unique(buckets):
+        for nb in np.unique(per_row):
             rows = np.flatnonzero(per_row == nb)
             nb = int(nb)
             if width >= nb:
@@ -217,34 +194,33 @@ class AmortizedPosterior:
         return np.asarray(w)[:b], np.asarray(m)[:b], np.asarray(s)[:b]
 
     def _pad(self, priors: list[GMM], xs: list[np.ndarray]):
-        b = len(priors)
         kmax = max(max(p.n_components for p in priors), self.task.k_max)
         nb = size_bucket(max(x.shape[0] for x in xs))
-        d, pdim = self.theta_dim, self.data_dim
-        w = np.zeros((b, kmax), np.float32)
-        m = np.zeros((b, kmax, d), np.float32)
-        s = np.broadcast_to(np.eye(d, dtype=np.float32), (b, kmax, d, d)).copy()
-        cm = np.zeros((b, kmax), bool)
-        x = np.zeros((b, nb, pdim), np.float32)
-        dm = np.zeros((b, nb), bool)
-        for i, (p, xi) in enumerate(zip(priors, xs)):
-            k = p.n_components
-            w[i, :k] = np.asarray(p.weights)
-            m[i, :k] = np.asarray(p.means)
-            s[i, :k] = np.asarray(p.scale_tril)
-            cm[i, :k] = True
-            x[i, :xi.shape[0]] = xi
-            dm[i, :xi.shape[0]] = True
+        w, m, s, cm = (np.stack(a) for a in zip(*(pad_prior(p, kmax) for p in priors)))
+        x, dm = (np.stack(a) for a in zip(*(pad_rows(xi, nb) for xi in xs)))
         return w, m, s, cm, x, dm
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the weights (no optimiser state) to a safetensors checkpoint."""
-        header = {"kind": KIND, "task": self.task.name, "task_params": self.meta.get(
-            "task_params", {}), "model_config": self.config.to_dict(),
-            "step": self.meta.get("step", 0), "train_config": self.meta.get("train_config"),
-            "train_seconds": self.meta.get("train_seconds")}
+        header = checkpoint_header(
+            self.task.name, self.meta.get("task_params", {}), self.config,
+            self.meta.get("train_config"), self.meta.get("step", 0), self.meta.get("train_seconds"))
         return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
+
+
+def checkpoint_header(task: str, task_params: dict, model_config: DTConfig,
+                      train_config: dict | None, step: int, train_seconds: float | None,
+                      **extra) -> dict:
+    """The JSON header of a model checkpoint (format version is added on writing)."""
+    return {"kind": KIND, "task": task, "task_params": task_params,
+            "model_config": model_config.to_dict(), "train_config": train_config, "step": step,
+            "train_seconds": train_seconds, **extra}
+
+
+def _finite_rows(w: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Per problem of a batch: whether its posterior parameters are all finite."""
+    return np.isfinite(w).all(1) & np.isfinite(m).all((1, 2)) & np.isfinite(s).all((1, 2, 3))
 
 
 def network_from_header(header: dict) -> DistributionTransformer:

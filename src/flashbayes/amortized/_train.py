@@ -24,7 +24,7 @@ from flashbayes.amortized._checkpoint import (
     save_checkpoint,
 )
 from flashbayes.amortized._dt import ConfigDict, DistributionTransformer, DTConfig
-from flashbayes.amortized._model import KIND, AmortizedPosterior
+from flashbayes.amortized._model import AmortizedPosterior, checkpoint_header
 
 _CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
 
@@ -165,6 +165,7 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig; got {type(cfg).__name__}")
     k_init, k_data, k_prep = jax.random.split(key, 3)
+    key_list = np.asarray(jax.random.key_data(key)).tolist()
     network = DistributionTransformer(cfg.model_config(task), key=k_init)
     optimizer = make_optimizer(cfg)
     params, static = eqx.partition(network, eqx.is_array)
@@ -180,15 +181,13 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
             if header.get("task") != task.name:
                 raise CheckpointError(f"resume: expected a checkpoint of task {task.name!r}; got "
                                       f"{header.get('task')!r} in {last}")
-            if header.get("train_config") != cfg.to_dict():
-                raise CheckpointError(f"resume: the checkpoint {last} was written with another "
-                                      "train config; resume with the same settings")
-            if header.get("key") != np.asarray(jax.random.key_data(key)).tolist():
-                raise CheckpointError(f"resume: the checkpoint {last} was written with another "
-                                      "key (seed); resume with the same key")
-            if header.get("task_params", {}) != task_params:
-                raise CheckpointError(f"resume: the checkpoint {last} was written for other "
-                                      "task parameters")
+            for field, expected, what in (
+                    ("train_config", cfg.to_dict(), "with another train config; resume with the "
+                                                     "same settings"),
+                    ("key", key_list, "with another key (seed); resume with the same key"),
+                    ("task_params", task_params, "for other task parameters")):
+                if header.get(field) != expected:
+                    raise CheckpointError(f"resume: the checkpoint {last} was written {what}")
             if not has_tree(last, "opt"):
                 raise CheckpointError(f"resume: {last} holds no optimiser state")
             params = load_tree(last, "params", params)
@@ -220,11 +219,8 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
     def write(step_done: int, seconds: float):
         if out_dir is None:
             return
-        header = {"kind": KIND, "task": task.name, "task_params": task_params,
-                  "model_config": cfg.model_config(task).to_dict(),
-                  "train_config": cfg.to_dict(), "step": step_done,
-                  "train_seconds": seconds,
-                  "key": np.asarray(jax.random.key_data(key)).tolist()}
+        header = checkpoint_header(task.name, task_params, cfg.model_config(task), cfg.to_dict(),
+                                   step_done, seconds, key=key_list)
         save_checkpoint(Path(out_dir) / f"ckpt_{step_done:08d}.safetensors", header,
                         {"params": params, "opt": opt_state})
 

@@ -14,6 +14,8 @@ import numpy as np
 from jaxtyping import Array
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
+from flashbayes._padding import pad_prior, pad_rows, size_bucket
+
 
 class ConvergenceWarning(UserWarning):
     """R-hat above 1.01, too few effective draws, or divergent transitions."""
@@ -153,11 +155,6 @@ def gmm_task_log_density(task) -> Callable[..., Array]:
     return fn
 
 
-def nuts_for_task(task, *, num_warmup: int = 1000, num_samples: int = 1000,
-                  num_chains: int = 4) -> TaskNUTS:
-    return TaskNUTS(task, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains)
-
-
 class TaskNUTS:
     """NUTS on the exact unnormalised posterior (GMM prior x task likelihood) of a task.
 
@@ -173,22 +170,9 @@ class TaskNUTS:
 
     def run(self, key: Array, prior, data, *, init: Array | None = None,
             warn: bool = True) -> SampleSet:
-        from flashbayes.amortized._model import size_bucket
-
         x = self.task.validate_data(data)
-        nb = size_bucket(x.shape[0])
-        xp = np.zeros((nb, self.task.data_dim), np.float32)
-        xp[: x.shape[0]] = x
-        dmask = np.arange(nb) < x.shape[0]
-        kmax = max(self.task.k_max, prior.n_components)
-        k = prior.n_components
-        d = prior.dim
-        w = np.zeros(kmax, np.float32)
-        w[:k] = np.asarray(prior.weights)
-        m = np.zeros((kmax, d), np.float32)
-        m[:k] = np.asarray(prior.means)
-        s = np.broadcast_to(np.eye(d, dtype=np.float32), (kmax, d, d)).copy()
-        s[:k] = np.asarray(prior.scale_tril)
+        w, m, s, _ = pad_prior(prior, max(self.task.k_max, prior.n_components))
+        xp, dmask = pad_rows(x, size_bucket(x.shape[0]))
         k_init, k_run = jax.random.split(key)
         if init is None:
             init = prior.sample(k_init, self.sampler.num_chains)
