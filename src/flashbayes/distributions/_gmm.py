@@ -185,12 +185,16 @@ class GMM:
         w = jax.nn.softmax(logw)
         return GMM.unchecked(w, means, jnp.linalg.cholesky(cov))
 
-    def to_inference_data(self, key: Array, n: int = 1000):
-        """n draws as an ArviZ InferenceData (requires arviz)."""
-        import arviz as az
+    def to_inference_data(self, key: Array | None = None, n: int = 4000):
+        """n draws as an ArviZ InferenceData with one variable `theta` of shape (1, n, d).
 
+        `key` defaults to `jax.random.key(0)`, so the same call gives the same draws.
+        """
+        from flashbayes._arviz import arviz
+
+        key = jax.random.key(0) if key is None else key
         draws = np.asarray(self.sample(key, n))
-        return az.from_dict(posterior={"theta": draws[None]})
+        return arviz().from_dict(posterior={"theta": draws[None]})
 
     # -- conversion -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
