@@ -7,6 +7,7 @@ Example:
 """
 
 from flashbayes import diagnostics, tasks
+from flashbayes._infer import infer
 from flashbayes.amortized import (
     AmortizedPosterior,
     CheckpointError,
@@ -23,8 +24,8 @@ from flashbayes.distributions import GMM, fit_gmm
 __version__ = "0.1.0"
 
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
-           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "load", "load_pretrained",
-           "reference", "tasks", "train", "__version__"]
+           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "infer", "load",
+           "load_pretrained", "reference", "tasks", "train", "__version__"]
 
 
 def __getattr__(name: str):

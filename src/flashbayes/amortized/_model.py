@@ -92,6 +92,9 @@ class AmortizedPosterior:
         if prior.n_components > self.task.k_max:
             return False, (f"{prior.n_components} prior components; the model was trained on at "
                            f"most {self.task.k_max}")
+        why = self.task.data_out_of_range(np.asarray(data))
+        if why:
+            return False, why
         return True, ""
 
     # -- inference -------------------------------------------------------------------------------

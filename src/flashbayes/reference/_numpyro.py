@@ -13,7 +13,7 @@ from numpyro.infer import MCMC
 from numpyro.infer import NUTS as NumPyroNUTS
 
 from flashbayes.distributions import GMM
-from flashbayes.reference._nuts import SampleSet
+from flashbayes.reference._base import SampleSet
 
 
 def numpyro_model(task, prior: GMM):
@@ -47,4 +47,4 @@ def run_numpyro_nuts(key, task, prior: GMM, data, *, num_warmup: int = 1000,
                 progress_bar=False)
     mcmc.run(key, data=x)
     draws = np.asarray(jax.block_until_ready(mcmc.get_samples(group_by_chain=True)["theta"]))
-    return SampleSet(draws=draws, seconds=time.perf_counter() - t0)
+    return SampleSet(draws=draws, info={"seconds": time.perf_counter() - t0})

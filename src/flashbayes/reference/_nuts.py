@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import blackjax
@@ -12,168 +11,168 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
-from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
-from flashbayes._padding import pad_prior, pad_rows, size_bucket
+from flashbayes.reference._base import (
+    ConvergenceWarning,
+    SampleSet,
+    convergence_summary,
+    register_engine,
+)
+from flashbayes.reference._cache import ensure_compilation_cache
+from flashbayes.reference._target import Target, TaskTarget
 
-
-class ConvergenceWarning(UserWarning):
-    """R-hat above 1.01, too few effective draws, or divergent transitions."""
-
-
-@dataclasses.dataclass
-class SampleSet:
-    """Posterior given by draws; implements the posterior interface (no density).
-
-    Attributes:
-        draws: (chains, n, d) draws.
-        rhat, ess: per-dimension split R-hat and effective sample size.
-        divergences: number of divergent transitions after warm-up.
-        seconds: wall time of the run that made the draws.
-    """
-
-    draws: np.ndarray
-    rhat: np.ndarray | None = None
-    ess: np.ndarray | None = None
-    divergences: int = 0
-    seconds: float = float("nan")
-
-    @property
-    def flat(self) -> np.ndarray:
-        return self.draws.reshape(-1, self.draws.shape[-1])
-
-    @property
-    def dim(self) -> int:
-        return self.draws.shape[-1]
-
-    def sample(self, key: Array, n: int) -> Array:
-        """n draws resampled uniformly (with replacement) from the chains."""
-        idx = jax.random.randint(key, (int(n),), 0, self.flat.shape[0])
-        return jnp.asarray(self.flat)[idx]
-
-    def log_prob(self, theta: Any):
-        raise NotImplementedError("a sample-based posterior has no density; use sample()")
-
-    def mean(self) -> Array:
-        return jnp.asarray(self.flat.mean(0))
-
-    def cov(self) -> Array:
-        return jnp.asarray(np.cov(self.flat, rowvar=False).reshape(self.dim, self.dim))
-
-    def to_inference_data(self):
-        import arviz as az
-
-        return az.from_dict(posterior={"theta": self.draws})
+# compiled programs, one per (target structure, settings); jax.jit adds one entry per shape
+_PROGRAMS: dict[Any, Any] = {}
 
 
-class NUTS:
-    """NUTS over a log density `log_density(theta, *args)`, compiled once per argument shape.
+def _build(target: Target, num_warmup: int, num_samples: int, target_accept: float,
+           dense_mass: bool, max_treedepth: int):
+    def run(key, init, data):
+        def logdensity(z):
+            return target.log_density(z, data)
 
-    Window adaptation (step size and a diagonal mass matrix) runs per chain; all chains run
-    vmapped inside one jitted function, so new data of the same shape reuse the compiled code.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> nuts = NUTS(lambda th, mu: -0.5 * jnp.sum((th - mu) ** 2), num_warmup=200,
-        ...             num_samples=200, num_chains=2)
-        >>> res = nuts.run(jax.random.key(0), jnp.zeros((2, 2)), jnp.ones(2))
-        >>> res.draws.shape
-        (2, 200, 2)
-    """
-
-    def __init__(self, log_density: Callable[..., Array], *, num_warmup: int = 1000,
-                 num_samples: int = 1000, num_chains: int = 4, target_accept: float = 0.8):
-        self.log_density = log_density
-        self.num_warmup, self.num_samples = int(num_warmup), int(num_samples)
-        self.num_chains = int(num_chains)
-        self.target_accept = float(target_accept)
-        self._compiled = jax.jit(self._run)
-
-    def _run(self, key, init, *args):
-        def logdensity(theta):
-            return self.log_density(theta, *args)
-
-        def one_chain(key, x0):
+        def one_chain(key, z0):
             k_adapt, k_sample = jax.random.split(key)
-            adapt = blackjax.window_adaptation(blackjax.nuts, logdensity,
-                                               target_acceptance_rate=self.target_accept)
-            (state, params), _ = adapt.run(k_adapt, x0, num_steps=self.num_warmup)
+            adapt = blackjax.window_adaptation(
+                blackjax.nuts, logdensity, is_mass_matrix_diagonal=not dense_mass,
+                target_acceptance_rate=target_accept, max_num_doublings=max_treedepth)
+            (state, params), ainfo = adapt.run(k_adapt, z0, num_steps=num_warmup)
             kernel = blackjax.nuts(logdensity, **params).step
 
             def body(st, k):
                 st, info = kernel(k, st)
-                return st, (st.position, info.is_divergent)
+                return st, (st.position, info.is_divergent, info.num_integration_steps,
+                            info.acceptance_rate)
 
-            _, (pos, div) = jax.lax.scan(body, state, jax.random.split(k_sample,
-                                                                        self.num_samples))
-            return pos, jnp.sum(div)
+            _, (pos, div, steps, acc) = jax.lax.scan(body, state,
+                                                     jax.random.split(k_sample, num_samples))
+            warm_steps = jnp.sum(ainfo.info.num_integration_steps)
+            return pos, div, steps, acc, warm_steps, params["step_size"]
 
         keys = jax.random.split(key, init.shape[0])
-        return jax.vmap(one_chain)(keys, init)
+        pos, div, steps, acc, warm, eps = jax.vmap(one_chain)(keys, init)
+        sites = jax.vmap(jax.vmap(lambda z: target.constrain(z, data)))(pos)
+        return sites, div, steps, acc, warm, eps
 
-    def cache_size(self) -> int:
-        """Number of compiled variants (for tests that count compilations)."""
-        return self._compiled._cache_size()
-
-    def run(self, key: Array, init: Array, *args: Any, warn: bool = True) -> SampleSet:
-        """Run all chains from `init` of shape (chains, d); returns the draws and diagnostics."""
-        import time
-
-        init = jnp.asarray(init, jnp.float32)
-        if init.ndim != 2:
-            raise ValueError(f"init: expected shape (chains, d); got {init.shape}")
-        t0 = time.perf_counter()
-        draws, div = self._compiled(key, init, *args)
-        draws = np.asarray(jax.block_until_ready(draws))
-        seconds = time.perf_counter() - t0
-        rhat = np.asarray(split_gelman_rubin(draws)) if draws.shape[0] > 1 else None
-        ess = np.asarray(effective_sample_size(draws)) if draws.shape[0] > 1 else None
-        res = SampleSet(draws=draws, rhat=rhat, ess=ess, divergences=int(np.sum(div)),
-                        seconds=seconds)
-        if warn:
-            problems = []
-            if rhat is not None and np.any(rhat > 1.01):
-                problems.append(f"R-hat up to {np.max(rhat):.3f} (> 1.01)")
-            if ess is not None and np.any(ess < 100 * draws.shape[0]):
-                problems.append(f"ESS as low as {np.min(ess):.0f}")
-            if res.divergences:
-                problems.append(f"{res.divergences} divergent transitions")
-            if problems:
-                warnings.warn("NUTS: " + "; ".join(problems), ConvergenceWarning, stacklevel=2)
-        return res
+    return jax.jit(run)
 
 
-def gmm_task_log_density(task) -> Callable[..., Array]:
-    """log prior (GMM, padded with a component mask) + task log likelihood (padded rows)."""
-    from flashbayes.distributions._gmm import _component_log_prob
+def nuts_program(target: Target, *, num_warmup: int = 1000, num_samples: int = 1000,
+                 target_accept: float = 0.8, dense_mass: bool = False, max_treedepth: int = 10):
+    """The compiled NUTS program for this target's structure (shared by same-shaped data)."""
+    key = (target.cache_key, int(num_warmup), int(num_samples), float(target_accept),
+           bool(dense_mass), int(max_treedepth))
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _build(target, int(num_warmup), int(num_samples), float(target_accept),
+                                bool(dense_mass), int(max_treedepth))
+    return _PROGRAMS[key]
 
-    def fn(theta, weights, means, scale_tril, data, dmask):
-        comp = _component_log_prob(means, scale_tril, theta)
-        lp = jax.scipy.special.logsumexp(comp + jnp.log(weights))
-        return lp + task.log_likelihood(theta, data, dmask)
 
-    return fn
+def _check_positive(name: str, value: Any, minimum: int = 1) -> int:
+    if int(value) != value or int(value) < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+@register_engine("nuts")
+def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int = 1000,
+         num_chains: int = 4, target_accept: float = 0.8, dense_mass: bool = False,
+         max_treedepth: int = 10, init: Array | None = None, warn: bool = True) -> SampleSet:
+    """NUTS with window adaptation (BlackJAX), `num_chains` chains vmapped in one program.
+
+    The program is compiled once per target structure and data shape: new data of the same
+    shape reuse it. Reports split R-hat, bulk and tail ESS (ArviZ), divergences, gradient
+    evaluations and wall time in `info`, and warns (ConvergenceWarning) when R-hat > 1.01,
+    bulk ESS < 100 per chain, or any transition diverged.
+
+    Args:
+        key: PRNG key.
+        target: what to sample (`NumPyroTarget`, `TaskTarget`, `LogDensityTarget`).
+        num_warmup, num_samples, num_chains: per chain.
+        target_accept: dual-averaging target acceptance rate.
+        dense_mass: adapt a dense mass matrix (for strongly correlated posteriors).
+        max_treedepth: maximum number of trajectory doublings.
+        init: (num_chains, d) unconstrained starting points; default: uniform in [-2, 2]
+            (the prior for task targets).
+        warn: issue ConvergenceWarning when a diagnostic fails.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flashbayes.reference import LogDensityTarget, nuts
+        >>> t = LogDensityTarget(lambda th: -0.5 * jnp.sum(th ** 2), dim=2)
+        >>> post = nuts(jax.random.key(0), t, num_warmup=200, num_samples=200, num_chains=2,
+        ...             warn=False)
+        >>> post.draws["theta"].shape
+        (2, 200, 2)
+    """
+    ensure_compilation_cache()
+    num_warmup = _check_positive("num_warmup", num_warmup, 0)
+    num_samples = _check_positive("num_samples", num_samples)
+    num_chains = _check_positive("num_chains", num_chains)
+    if not 0.0 < float(target_accept) < 1.0:
+        raise ValueError(f"target_accept: expected a value in (0, 1); got {target_accept}")
+    program = nuts_program(target, num_warmup=num_warmup, num_samples=num_samples,
+                           target_accept=target_accept, dense_mass=dense_mass,
+                           max_treedepth=max_treedepth)
+    k_init, k_run = jax.random.split(key)
+    if init is None:
+        init = target.initial_positions(k_init, num_chains, target.data)
+    init = jnp.asarray(init, jnp.float32)
+    if init.shape != (num_chains, target.dim):
+        raise ValueError(f"init: expected shape ({num_chains}, {target.dim}); got {init.shape}")
+    t0 = time.perf_counter()
+    sites, div, steps, acc, warm, eps = jax.block_until_ready(program(k_run, init, target.data))
+    seconds = time.perf_counter() - t0
+    sites = {k: np.asarray(v) for k, v in sites.items()}
+    info: dict[str, Any] = {
+        "engine": "nuts", "seconds": seconds, "num_chains": num_chains,
+        "divergences": int(np.sum(div)),
+        "gradient_evaluations": int(np.sum(steps) + np.sum(warm)),
+        "step_size": np.asarray(eps).tolist(),
+        "mean_accept": float(np.mean(acc)),
+        "sample_stats": {"diverging": np.asarray(div),
+                         "n_steps": np.asarray(steps)},
+    }
+    if num_chains > 1 or num_samples >= 4:
+        info["summary"] = convergence_summary(sites)
+    post = SampleSet(sites, latent=tuple(getattr(target, "latent", ("theta",))), info=info)
+    if warn:
+        problems = diagnose(post)
+        if problems:
+            warnings.warn("NUTS: " + "; ".join(problems), ConvergenceWarning, stacklevel=2)
+    return post
+
+
+def diagnose(post: SampleSet) -> list[str]:
+    """The failed convergence checks of an MCMC result, in words (empty when all pass)."""
+    problems = []
+    summary = post.info.get("summary") or {}
+    if summary:
+        rhat = max(s["rhat"] for s in summary.values())
+        ess = min(min(s["ess_bulk"], s["ess_tail"]) for s in summary.values())
+        if post.n_chains > 1 and not rhat <= 1.01:
+            problems.append(f"R-hat up to {rhat:.3f} (> 1.01)")
+        if not ess >= 100 * post.n_chains:
+            problems.append(f"ESS as low as {ess:.0f} (< 100 per chain)")
+    if post.divergences:
+        problems.append(f"{post.divergences} divergent transitions")
+    return problems
 
 
 class TaskNUTS:
     """NUTS on the exact unnormalised posterior (GMM prior x task likelihood) of a task.
 
     Data sets are padded to size buckets and priors to the task's component count, so problems
-    of one bucket share one compiled function.
+    of one bucket share one compiled program.
     """
 
     def __init__(self, task, *, num_warmup: int = 1000, num_samples: int = 1000,
                  num_chains: int = 4):
         self.task = task
-        self.sampler = NUTS(gmm_task_log_density(task), num_warmup=num_warmup,
-                            num_samples=num_samples, num_chains=num_chains)
+        self.options = {"num_warmup": num_warmup, "num_samples": num_samples,
+                        "num_chains": num_chains}
 
     def run(self, key: Array, prior, data, *, init: Array | None = None,
             warn: bool = True) -> SampleSet:
-        x = self.task.validate_data(data)
-        w, m, s, _ = pad_prior(prior, max(self.task.k_max, prior.n_components))
-        xp, dmask = pad_rows(x, size_bucket(x.shape[0]))
-        k_init, k_run = jax.random.split(key)
-        if init is None:
-            init = prior.sample(k_init, self.sampler.num_chains)
-        return self.sampler.run(k_run, init, w, m, s, xp, dmask, warn=warn)
+        return nuts(key, TaskTarget(self.task, prior, data), init=init, warn=warn,
+                    **self.options)

@@ -140,6 +140,10 @@ class Task:
         """Log likelihood of the data rows given theta (rows with mask False are ignored)."""
         raise NotImplementedError
 
+    def data_out_of_range(self, data: np.ndarray) -> str:
+        """Why `data` lie outside what the task's training simulations produce ("" if not)."""
+        return ""
+
     def exact_posterior(self, prior: Any, data: Any):
         raise NotImplementedError(f"task {self.name!r} has no closed-form posterior")
 
