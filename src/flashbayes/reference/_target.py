@@ -183,13 +183,16 @@ class NumPyroTarget(Target):
     def __init__(self, model: Callable, data: Mapping[str, Any] | None = None):
         from numpyro import handlers
         from numpyro.distributions.transforms import IdentityTransform, biject_to
+        from numpyro.infer.initialization import init_to_uniform
 
         if not callable(model):
             raise TypeError(f"model: expected a NumPyro model function; got "
                             f"{type(model).__name__}")
         self.model = model
         self.static, self.data = _split_data(data or {})
-        tr = handlers.trace(handlers.seed(self._bound(self.data), 0)).get_trace()
+        # init_to_uniform gives every latent site a value, improper priors included
+        tr = handlers.trace(handlers.substitute(handlers.seed(self._bound(self.data), 0),
+                                               substitute_fn=init_to_uniform)).get_trace()
         latent = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
         if not latent:
             raise ValueError("model: expected at least one latent sample site; got none")
