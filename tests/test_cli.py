@@ -71,13 +71,35 @@ def test_train_tiny(tmp_path):
 def test_infer_writes_posterior_and_plot(tiny_model_path, inputs):
     out, png = inputs / "post.json", inputs / "post.png"
     res = _run("infer", tiny_model_path, "--prior", inputs / "prior.json", "--data",
-               inputs / "data.csv", "--out", out, "--plot", png, "--task", "gmm_linear")
+               inputs / "data.csv", "--out", out, "--plot", png, "--task", "gmm_linear",
+               "--method", "amortized")
     assert res.exit_code == 0, res.output
+    assert "path: amortized" in res.output
     import flashbayes as fb
 
     post = fb.GMM.from_json(out.read_text())
     assert post.n_components == 2
     assert png.stat().st_size > 1000
+
+
+def test_infer_auto_checks_and_falls_back(tiny_model_path, inputs):
+    # the tiny model is barely trained (it returns about its prior): with 15 informative
+    # rows its answer fails the k-hat check and NUTS answers
+    out = inputs / "post.json"
+    (inputs / "many.csv").write_text("x1,x2\n" + "3.0,-2.0\n2.8,-2.2\n3.2,-1.9\n" * 5)
+    res = _run("infer", tiny_model_path, "--prior", inputs / "prior.json", "--data",
+               inputs / "many.csv", "--out", out, "--seed", 3)
+    assert res.exit_code == 0, res.output
+    assert "path: nuts" in res.output and "k-hat" in res.output
+    saved = json.loads(out.read_text())
+    assert saved["type"] == "draws" and saved["names"] == ["theta[1]", "theta[2]"]
+    assert np.asarray(saved["draws"]).shape == (4000, 2)
+    res = _run("infer", tiny_model_path, "--prior", inputs / "prior.json", "--data",
+               inputs / "data.csv", "--method", "exact")
+    assert res.exit_code == 0 and "path: exact" in res.output, res.output
+    _assert_one_line_error(_run("infer", tiny_model_path, "--prior", inputs / "prior.json",
+                                "--data", inputs / "data.csv", "--method", "gibbs"),
+                           "method", "gibbs")
 
 
 def test_eval_json(tiny_model_path):

@@ -262,18 +262,26 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
           prior: Annotated[Path, typer.Option(help="prior GMM as JSON: weights, means, "
                                                    "scale_tril (or cov)")],
           data: Annotated[Path, typer.Option(help="data as CSV, one row per data point")],
-          out: Annotated[Path | None, typer.Option(help="write the posterior GMM as JSON")] = None,
+          method: Annotated[str, typer.Option(
+              help="auto (amortized, NUTS when its k-hat check fails), amortized, exact, nuts, "
+                   "smc or vi")] = "auto",
+          seed: Annotated[int, typer.Option(help="PRNG seed of the check and the engines")] = 0,
+          out: Annotated[Path | None, typer.Option(
+              help="write the posterior as JSON (a GMM, or draws for sampling engines)")] = None,
           plot: Annotated[Path | None, typer.Option(help="write a PNG of prior and posterior")]
           = None,
           task: Annotated[str | None, typer.Option(help="refuse a checkpoint of another task")]
           = None):
-    """Amortized posterior for one prior and one data set."""
+    """Posterior for one prior and one data set: amortized, checked, exact when flagged."""
     import time
     import warnings
 
+    import jax
     import numpy as np
 
+    import flashbayes as fb
     from flashbayes.amortized import OutOfRangeWarning
+    from flashbayes.reference import ConvergenceWarning
 
     _check_out_folder("--out", out)
     _check_out_folder("--plot", plot)
@@ -283,35 +291,67 @@ def infer(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OutOfRangeWarning)
+            warnings.simplefilter("always", ConvergenceWarning)
             t0 = time.perf_counter()
-            post = model.posterior(gmm_prior, x)
-            np.asarray(post.weights)
+            post = fb.infer(model, x, prior=gmm_prior, method=method, key=jax.random.key(seed))
+            post.mean()
             seconds = time.perf_counter() - t0
     except (ValueError, TypeError, FloatingPointError) as exc:
         raise UsageError(str(exc)) from exc
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {w.message}")
-    table = Table(title=f"posterior ({model.task.name}, n = {x.shape[0]}, "
-                        f"{_fmt_seconds(seconds)} incl. compilation)")
-    table.add_column("component")
-    table.add_column("weight", justify="right")
-    table.add_column("mean")
-    table.add_column("sd")
-    cov = np.asarray(post.scale_tril) @ np.swapaxes(np.asarray(post.scale_tril), -1, -2)
-    for k in range(post.n_components):
-        table.add_row(str(k), f"{float(post.weights[k]):.4f}",
-                      np.array2string(np.asarray(post.means[k]), precision=4),
-                      np.array2string(np.sqrt(np.diagonal(cov[k])), precision=4))
-    console.print(table)
+    info = post.info
+    stages = ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in info.get("seconds", {}).items())
+    console.print(f"path: [bold]{info['path']}[/] ({info.get('reason', '')}); {stages}",
+                  highlight=False)
+    title = (f"posterior ({model.task.name}, n = {x.shape[0]}, {_fmt_seconds(seconds)} "
+             "incl. compilation)")
+    is_gmm = isinstance(post, fb.GMM)
+    if is_gmm:
+        table = Table(title=title)
+        table.add_column("component")
+        table.add_column("weight", justify="right")
+        table.add_column("mean")
+        table.add_column("sd")
+        cov = np.asarray(post.scale_tril) @ np.swapaxes(np.asarray(post.scale_tril), -1, -2)
+        for k in range(post.n_components):
+            table.add_row(str(k), f"{float(post.weights[k]):.4f}",
+                          np.array2string(np.asarray(post.means[k]), precision=4),
+                          np.array2string(np.sqrt(np.diagonal(cov[k])), precision=4))
+        console.print(table)
+    else:
+        _print_draw_summary(post, title)
     console.print(f"posterior mean {np.array2string(np.asarray(post.mean()), precision=4)}")
     if out is not None:
-        out.write_text(post.to_json())
+        if is_gmm:
+            out.write_text(post.to_json())
+        else:
+            flat = post.flat
+            out.write_text(json.dumps({"type": "draws", "path": info["path"],
+                                       "names": post.names, "draws": flat.tolist()}))
         console.print(f"posterior written to {out}")
     if plot is not None:
         from flashbayes._plots import plot_prior_posterior
 
-        path = plot_prior_posterior(gmm_prior, post, plot)
+        shown = post if is_gmm else fb.fit_gmm(jax.random.key(seed), post.flat,
+                                                gmm_prior.n_components)
+        path = plot_prior_posterior(gmm_prior, shown, plot)
         console.print(f"picture written to {path}")
+
+
+def _print_draw_summary(post, title: str) -> None:
+    import numpy as np
+
+    summary = post.info.get("summary", {})
+    table = Table(title=title)
+    for col in ("parameter", "mean", "sd", "R-hat", "ESS bulk"):
+        table.add_column(col, justify="left" if col == "parameter" else "right")
+    mean, sd = np.asarray(post.mean()), np.sqrt(np.diag(np.asarray(post.cov())))
+    for i, name in enumerate(post.names):
+        s = summary.get(name, {})
+        table.add_row(name, f"{mean[i]:.4f}", f"{sd[i]:.4f}",
+                      f"{s['rhat']:.3f}" if s else "-", f"{s['ess_bulk']:.0f}" if s else "-")
+    console.print(table)
 
 
 @app.command("eval")
