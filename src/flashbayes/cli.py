@@ -354,6 +354,54 @@ def _print_draw_summary(post, title: str) -> None:
     console.print(table)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="benchmarks against public references")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("posteriordb")
+@_user_errors
+def bench_posteriordb(
+        names: Annotated[str | None, typer.Option(
+            help="comma-separated posterior names (default: all 13)")] = None,
+        out: Annotated[Path, typer.Option(help="folder for posteriordb.json and .md")]
+        = Path("."),
+        seed: Annotated[int, typer.Option(help="PRNG seed")] = 0,
+        num_warmup: Annotated[int, typer.Option(help="NUTS warm-up steps per chain")] = 1000,
+        num_samples: Annotated[int, typer.Option(help="NUTS draws per chain")] = 2500,
+        num_chains: Annotated[int, typer.Option(help="NUTS chains")] = 4,
+        numpyro: Annotated[bool, typer.Option(help="also time NumPyro's own NUTS")] = True,
+        vi: Annotated[bool, typer.Option(help="also fit full-rank VI")] = True,
+        c2st: Annotated[bool, typer.Option(help="C2ST of NUTS draws vs the reference")] = True,
+        repeated: Annotated[bool, typer.Option(
+            help="rerun three models on new data of the same shape vs NumPyro")] = True):
+    """NUTS and VI on the posteriordb references: moment errors, C2ST, ESS/s, wall times."""
+    from flashbayes.benchmarks import _posteriordb_bench as bench
+    from flashbayes.benchmarks import posteriordb
+
+    chosen = None
+    if names:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in posteriordb.names()]
+        if unknown:
+            raise UsageError(f"--names: expected posteriors from {posteriordb.names()}; got "
+                             f"{unknown}")
+    if not out.is_dir():
+        raise UsageError(f"--out: expected an existing folder; got {out}")
+    try:
+        result = bench.run(chosen, seed=seed, repeated=repeated,
+                           progress=lambda n: err_console.print(f"running {n}"),
+                           num_warmup=num_warmup, num_samples=num_samples,
+                           num_chains=num_chains, with_numpyro=numpyro, with_vi=vi,
+                           with_c2st=c2st)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    (out / "posteriordb.json").write_text(json.dumps(result, indent=1))
+    table = bench.markdown(result)
+    (out / "posteriordb.md").write_text(table)
+    console.print(table, highlight=False, soft_wrap=True)
+    console.print(f"written to {out / 'posteriordb.json'} and {out / 'posteriordb.md'}")
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],
