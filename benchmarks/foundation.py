@@ -27,7 +27,6 @@ from flashbayes.reference import TaskNUTS, run_numpyro_nuts
 
 HELD_OUT_SEED = 20261123
 RESULTS = Path(__file__).resolve().parent / "results"
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _median_seconds(fn, repeats):
@@ -189,13 +188,9 @@ def main():
     md = to_markdown(res)
     _write_atomic(args.out.with_suffix(".md"), md)
     if args.only is None and args.out == RESULTS / "foundation.json":
-        doc = RESULTS_HEADER + md.split("\n", 1)[1]
-        speed_md = RESULTS / "train_speed.md"
-        if speed_md.exists():  # written by benchmarks/train_speed.py
-            doc += ("\n## Training time (2 CPU cores)\n\nFrom `python benchmarks/train_speed.py` "
-                    "(each configuration alone; `benchmarks/results/train_speed.json`):\n\n"
-                    + speed_md.read_text())
-        _write_atomic(DOCS / "results.md", doc)
+        from _docs import write_results_doc
+
+        write_results_doc()
     print(md)
 
 
@@ -203,16 +198,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-RESULTS_HEADER = """# Results
-
-Written by `python benchmarks/foundation.py` (all sections in one run, side by side, on the same
-held-out problems); the raw numbers are in `benchmarks/results/foundation.json`. Held-out problems
-use seed 20261123, never used in training. KL(exact || DT) is a Monte Carlo estimate with 4,000
-draws from the exact posterior per problem. C2ST: sbibm protocol (MLP, 5-fold, standardised on
-the reference), DT draws against 4 x 1,000 NUTS draws (BlackJAX, 1,000 adaptation steps).
-"""
 
 
 if __name__ == "__main__":

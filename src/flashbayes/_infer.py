@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
@@ -18,13 +17,14 @@ KHAT_THRESHOLD = 0.7
 _LOG_RATIO: dict[Any, Any] = {}
 
 
-def _log_ratio_fn(target):
-    """Compiled log p(theta, data) - log q(theta) for GMM approximations q of a task target."""
-    from flashbayes.distributions._gmm import _log_prob
+def _log_ratio_fn(target, n: int):
+    """Compiled: n draws theta ~ q (a padded GMM), then log p(theta, data) - log q(theta)."""
+    from flashbayes.distributions._gmm import _log_prob, _sample
 
-    key = target.cache_key
+    key = (target.cache_key, n)
     if key not in _LOG_RATIO:
-        def fn(z, data, w, m, s):
+        def fn(k, w, m, s, data):
+            z = _sample(k, w, m, s, n)
             lp = jax.vmap(lambda zz: target.log_density(zz, data))(z)
             return lp - _log_prob(w, m, s, z)
 
@@ -36,12 +36,13 @@ def amortized_khat(key: Array, target, posterior, *, n: int = 1000) -> float:
     """PSIS k-hat of the importance ratios p(theta | data) / q(theta), theta ~ q (a GMM).
 
     The unnormalised target is the exact prior x likelihood of the task; k-hat <= 0.7 means the
-    amortized posterior is a reliable proposal for it (Vehtari et al. 2024).
+    amortized posterior is a reliable proposal for it (Vehtari et al. 2024). The GMM is padded
+    to the task's component count, so one compiled program serves every prior of a size bucket.
     """
-    z = posterior.sample(key, n)
-    lr = np.asarray(_log_ratio_fn(target)(z, target.data, jnp.asarray(posterior.weights),
-                                          jnp.asarray(posterior.means),
-                                          jnp.asarray(posterior.scale_tril)), np.float64)
+    from flashbayes._padding import pad_prior
+
+    w, m, s, _ = pad_prior(posterior, max(target.task.k_max, posterior.n_components))
+    lr = np.asarray(_log_ratio_fn(target, int(n))(key, w, m, s, target.data), np.float64)
     if not np.all(np.isfinite(lr)):
         return float("inf")
     return float(arviz().psislw(lr.copy())[1])

@@ -1,0 +1,60 @@
+"""docs/results.md is composed from the markdown tables the benchmark scripts write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+# (file in benchmarks/results, section title, text above the table); missing files are skipped
+SECTIONS = [
+    ("foundation.md", "The shipped Distribution Transformers",
+     "From `python benchmarks/foundation.py` (`benchmarks/results/foundation.json`). Held-out "
+     "problems use seed 20261123, never used in training. KL(exact || DT) is a Monte Carlo "
+     "estimate with 4,000 draws from the exact posterior per problem. C2ST: sbibm protocol "
+     "(MLP, 5-fold, standardised on the reference), DT draws against 4 x 1,000 NUTS draws "
+     "(BlackJAX, 1,000 adaptation steps)."),
+    ("train_speed.md", "Training time (2 CPU cores)",
+     "From `python benchmarks/train_speed.py` (each configuration alone; "
+     "`benchmarks/results/train_speed.json`):"),
+    ("infer.md", "fb.infer: fast by default, exact when flagged",
+     "From `python benchmarks/infer.py` (`benchmarks/results/infer.json`); the shipped models on "
+     "held-out problems (seed 20261123), k-hat from 1,000 amortized draws."),
+    ("sbc.md", "Calibration of the shipped models (SBC)",
+     "From `python benchmarks/sbc.py` (`benchmarks/results/sbc.json`)."),
+    ("posteriordb.md", "Reference engines on posteriordb",
+     "From `flashbayes bench posteriordb --out benchmarks/results` "
+     "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "
+     "discussion of each row."),
+]
+
+HEADER = """# Results
+
+Every table below is written by a benchmark script run side by side in one process (these
+machines are noisy, so ratios are measured within one run); the raw numbers are in
+`benchmarks/results/*.json`. Regenerate this page with `python benchmarks/_docs.py` after any of
+them.
+"""
+
+
+def write_results_doc() -> Path:
+    parts = [HEADER]
+    for fname, title, text in SECTIONS:
+        path = RESULTS / fname
+        if not path.exists():
+            continue
+        body = path.read_text()
+        if body.startswith("# "):  # a table file with its own title: nest it under ours
+            body = body.split("\n", 1)[1].replace("\n## ", "\n### ")
+        parts.append(f"\n## {title}\n\n{text}\n\n{body.strip()}\n")
+    out = DOCS / "results.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    print(write_results_doc())
