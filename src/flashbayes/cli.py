@@ -373,8 +373,14 @@ def bench_posteriordb(
         vi: Annotated[bool, typer.Option(help="also fit full-rank VI")] = True,
         c2st: Annotated[bool, typer.Option(help="C2ST of NUTS draws vs the reference")] = True,
         repeated: Annotated[bool, typer.Option(
-            help="rerun three models on new data of the same shape vs NumPyro")] = True):
+            help="rerun three models on new data of the same shape vs NumPyro")] = True,
+        x64: Annotated[bool, typer.Option(
+            help="double precision, as the Stan references were made")] = True):
     """NUTS and VI on the posteriordb references: moment errors, C2ST, ESS/s, wall times."""
+    if x64:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     from flashbayes.benchmarks import _posteriordb_bench as bench
     from flashbayes.benchmarks import posteriordb
 
@@ -395,6 +401,7 @@ def bench_posteriordb(
                            with_c2st=c2st)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    result["x64"] = x64
     (out / "posteriordb.json").write_text(json.dumps(result, indent=1))
     table = bench.markdown(result)
     (out / "posteriordb.md").write_text(table)
@@ -429,6 +436,40 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or 
     for k, v in summary.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+
+
+@app.command()
+@_user_errors
+def check(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],
+          sims: Annotated[int, typer.Option(help="simulated problems (at least 100)")] = 1000,
+          out: Annotated[Path, typer.Option(help="folder for sbc_ranks.png, coverage.png and "
+                                                 "check.json")] = Path("flashbayes-check"),
+          seed: Annotated[int, typer.Option(help="PRNG seed of the simulations")] = 0):
+    """Calibration over the model's task (SBC, expected coverage, TARP); exit 1 if miscalibrated."""
+    import jax
+
+    from flashbayes._check import report_table, run_check, write_outputs
+
+    if sims < 100:
+        raise UsageError(f"--sims: expected an integer >= 100; got {sims}")
+    _check_out_folder("--out", out)
+    model = _load_model(checkpoint)
+    out.mkdir(exist_ok=True)
+    try:
+        with console.status(f"simulating {sims} problems of {model.task.name}..."):
+            report = run_check(jax.random.key(seed), model, n_sims=sims, seed=seed,
+                               name=checkpoint)
+    except FloatingPointError as exc:
+        raise UsageError(str(exc)) from exc
+    files = write_outputs(report, out)
+    console.print(report_table(report))
+    console.print(f"written: {', '.join(str(p) for p in files.values())}", soft_wrap=True)
+    if report.calibrated:
+        console.print(f"[green]calibrated[/] ({report.seconds:.1f} s)")
+    else:
+        console.print(f"[bold red]not calibrated[/] at family-wise level {report.level} "
+                      f"({report.seconds:.1f} s)")
+    raise typer.Exit(code=0 if report.calibrated else 1)
 
 
 def main() -> None:

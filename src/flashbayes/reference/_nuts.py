@@ -117,7 +117,7 @@ def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int
     k_init, k_run = jax.random.split(key)
     if init is None:
         init = target.initial_positions(k_init, num_chains, target.data)
-    init = jnp.asarray(init, jnp.float32)
+    init = jnp.asarray(init, float)  # float32, or float64 with jax_enable_x64
     if init.shape != (num_chains, target.dim):
         raise ValueError(f"init: expected shape ({num_chains}, {target.dim}); got {init.shape}")
     t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def _build(target, family, n_components, num_particles, objective, check_every):
 
 def _laplace_start(laplace, target, z0) -> tuple[np.ndarray, np.ndarray] | None:
     """(mode, Cholesky factor of the inverse Hessian), or None where the mode is not usable."""
-    z, hess = laplace(jnp.asarray(z0, jnp.float32), target.data)
+    z, hess = laplace(jnp.asarray(z0, float), target.data)
     z, hess = np.asarray(z, np.float64), np.asarray(hess, np.float64)
     if not (np.all(np.isfinite(z)) and np.all(np.isfinite(hess))):
         return None
@@ -207,7 +207,7 @@ def vi(key: Array, target: Target, *, family: str = "fullrank", n_components: in
         if k == 1 and hasattr(target, "prior"):  # task targets: start at the prior mean
             means = jnp.asarray(target.prior.mean())[None]
     else:
-        means = jnp.broadcast_to(jnp.asarray(init, jnp.float32), (k, d))
+        means = jnp.broadcast_to(jnp.asarray(init, float), (k, d))
     t0 = time.perf_counter()
     shift, base = np.zeros(d), np.eye(d)
     u = np.asarray(means, np.float64)
@@ -218,8 +218,8 @@ def vi(key: Array, target: Target, *, family: str = "fullrank", n_components: in
         base = np.diag(np.sqrt(np.sum(chol ** 2, axis=1))) if family == "meanfield" else chol
         # components start at the mode (one) or at draws of the Laplace approximation (several)
         u = np.asarray(jax.random.normal(k_init, (k, d))) if k > 1 else np.zeros((1, d))
-    shift, base = jnp.asarray(shift, jnp.float32), jnp.asarray(base, jnp.float32)
-    params = {"logits": jnp.zeros(k), "means": jnp.asarray(u, jnp.float32)}
+    shift, base = jnp.asarray(shift, float), jnp.asarray(base, float)
+    params = {"logits": jnp.zeros(k), "means": jnp.asarray(u, float)}
     if family == "meanfield":
         params["log_sd"] = jnp.zeros((k, d))
     else:
@@ -229,8 +229,8 @@ def vi(key: Array, target: Target, *, family: str = "fullrank", n_components: in
     lr, decays, steps, history, prev = float(learning_rate), 0, 0, [], None
     while steps < int(max_steps):
         k_fit, sub = jax.random.split(k_fit)
-        params, opt_state, elbos = block(params, opt_state, sub, jnp.float32(lr), target.data,
-                                         shift, base)
+        params, opt_state, elbos = block(params, opt_state, sub, jnp.asarray(lr, float),
+                                         target.data, shift, base)
         elbos = np.asarray(elbos, np.float64)
         elbos = elbos[np.isfinite(elbos)]
         steps += int(check_every)
