@@ -30,8 +30,21 @@ def kl_divergence(key: Array, p: Any, q: Any, *, n: int = 4000) -> tuple[float, 
 
 
 def nll(posterior: Any, theta: Any) -> float:
-    """Negative log density of the true parameter under the posterior."""
-    return -float(posterior.log_prob(np.asarray(theta)))
+    """Negative log density of the true parameter under the posterior.
+
+    `theta` of shape (d,) gives -log q(theta); a batch (n, d) gives the mean over its rows.
+
+    Example:
+        >>> import numpy as np
+        >>> import flashbayes as fb
+        >>> q = fb.GMM(weights=[1.0], means=[[0.0]], scale_tril=[[[1.0]]])
+        >>> round(nll(q, np.array([0.0])), 4), round(nll(q, np.array([[0.0], [1.0]])), 4)
+        (0.9189, 1.1689)
+    """
+    theta = np.asarray(theta)
+    if theta.ndim == 2:
+        return -float(np.mean(np.asarray(posterior.log_prob(theta), np.float64)))
+    return -float(posterior.log_prob(theta))
 
 
 def c2st(x: Any, y: Any, *, seed: int = 1, n_folds: int = 5) -> float:
