@@ -376,7 +376,11 @@ def bench_posteriordb(
             help="rerun three models on new data of the same shape vs NumPyro")] = True,
         x64: Annotated[bool, typer.Option(
             help="double precision, as the Stan references were made")] = True):
-    """NUTS and VI on the posteriordb references: moment errors, C2ST, ESS/s, wall times."""
+    """NUTS and VI on the posteriordb references: moment errors, C2ST, ESS/s, wall times.
+
+    Finished posteriors are kept in OUT/posteriordb.journal.jsonl; a rerun with the same
+    options continues where an interrupted run stopped.
+    """
     if x64:
         import jax
 
@@ -396,6 +400,7 @@ def bench_posteriordb(
     try:
         result = bench.run(chosen, seed=seed, repeated=repeated,
                            progress=lambda n: err_console.print(f"running {n}"),
+                           journal=out / "posteriordb.journal.jsonl",
                            num_warmup=num_warmup, num_samples=num_samples,
                            num_chains=num_chains, with_numpyro=numpyro, with_vi=vi,
                            with_c2st=c2st)
