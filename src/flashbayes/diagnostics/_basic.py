@@ -47,12 +47,16 @@ def nll(posterior: Any, theta: Any) -> float:
     return -float(posterior.log_prob(theta))
 
 
-def c2st(x: Any, y: Any, *, seed: int = 1, n_folds: int = 5) -> float:
+def c2st(x: Any, y: Any, *, seed: int = 1, n_folds: int = 5,
+         early_stopping: bool = False) -> float:
     """Classifier two-sample test accuracy (0.5: indistinguishable; 1: disjoint).
 
     The protocol of Lueckmann et al. (2021): both sets standardised with the mean and standard
     deviation of `x` (the reference), an MLP with two hidden layers of width 10 d, balanced
     classes, and the mean accuracy of a stratified `n_folds`-fold cross-validation.
+    `early_stopping=True` stops each fit when 10 % of its training fold held out for validation
+    stops improving (10 epochs): on large, nearly indistinguishable sets the protocol's MLP
+    otherwise trains up to its 1,000-epoch limit on noise, minutes per fold in 20+ dimensions.
 
     Example:
         >>> import numpy as np
@@ -80,6 +84,6 @@ def c2st(x: Any, y: Any, *, seed: int = 1, n_folds: int = 5) -> float:
     target = np.concatenate([np.zeros(n), np.ones(n)])
     d = x.shape[1]
     clf = MLPClassifier(activation="relu", hidden_layer_sizes=(10 * d, 10 * d), max_iter=1000,
-                        solver="adam", random_state=seed)
+                        solver="adam", random_state=seed, early_stopping=early_stopping)
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return float(np.mean(cross_val_score(clf, data, target, cv=folds, scoring="accuracy")))
