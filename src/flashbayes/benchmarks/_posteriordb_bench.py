@@ -132,13 +132,17 @@ def run_posterior(name: str, *, seed: int = 0, num_warmup: int = 1000, num_sampl
                           "sampling_gradient_evaluations": steps,
                           **_worst(nerrs)}
     if with_vi:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = vi(k4, NumPyroTarget(entry.model, entry.data), family="fullrank",
-                   num_draws=10000)
-        verrs = moment_errors(q.flat_draws(), ref)
-        out["vi"] = {"seconds": q.info["seconds"], "khat": q.info["khat"],
-                     "steps": q.info["steps"], **_worst(verrs), "per_param": verrs}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = vi(k4, NumPyroTarget(entry.model, entry.data), family="fullrank",
+                       num_draws=10000)
+        except FloatingPointError as exc:
+            out["vi"] = {"error": str(exc), "khat": float("inf")}
+        else:
+            verrs = moment_errors(q.flat_draws(), ref)
+            out["vi"] = {"seconds": q.info["seconds"], "khat": q.info["khat"],
+                         "steps": q.info["steps"], **_worst(verrs), "per_param": verrs}
     return out
 
 
@@ -235,6 +239,8 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["posteriors"]:
         n, p, v = r["nuts"], r.get("numpyro", {}), r.get("vi", {})
+        if "error" in v:
+            v = {}
         c2 = f"{n['c2st']:.3f}" if "c2st" in n else "-"
         lines.append(
             f"| {r['name']} | {r['n_params']} | {n['max_mean_err']:.3f} | "

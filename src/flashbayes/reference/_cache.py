@@ -56,6 +56,9 @@ def compilation_cache_dir() -> Path | None:
 
 def ensure_compilation_cache() -> None:
     """Switch the cache on at the default folder unless the user already chose one."""
+    from flashbayes._runtime import limit_blas_threads
+
+    limit_blas_threads()
     if not _state["configured"]:
         try:
             set_compilation_cache(_default_dir())

@@ -122,7 +122,8 @@ class TaskTarget(Target):
         from flashbayes.distributions._gmm import _component_log_prob
 
         w, m, s, _, _ = data
-        return jax.scipy.special.logsumexp(_component_log_prob(m, s, z) + jnp.log(w))
+        # z may be one point (d,) or many (n, d): the batched form solves once per component
+        return jax.scipy.special.logsumexp(_component_log_prob(m, s, z) + jnp.log(w), axis=-1)
 
     def log_likelihood(self, z, data):
         return self.task.log_likelihood(z, data[3], data[4])

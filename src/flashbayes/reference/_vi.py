@@ -63,7 +63,9 @@ def _objective(params, key, target, data, family, num_particles, objective, shif
 
 
 def _build(target, family, n_components, num_particles, objective, check_every):
-    opt = optax.apply_if_finite(optax.inject_hyperparams(optax.adam)(learning_rate=1.0), 20)
+    # a step with a non-finite loss or gradient is skipped, however many come in a row
+    opt = optax.apply_if_finite(optax.inject_hyperparams(optax.adam)(learning_rate=1.0),
+                                2**30)
 
     def loss(params, key, data, shift, base):
         return -_objective(params, key, target, data, family, num_particles, objective, shift,
@@ -234,7 +236,11 @@ def vi(key: Array, target: Target, *, family: str = "fullrank", n_components: in
         elbos = np.asarray(elbos, np.float64)
         elbos = elbos[np.isfinite(elbos)]
         steps += int(check_every)
-        if elbos.size < 2:
+        if elbos.size < 2:  # a block of skipped steps: treat it as a plateau
+            decays += 1
+            if decays > int(max_decays):
+                break
+            lr /= 3.0
             continue
         cur = (elbos.mean(), elbos.var(ddof=1) / elbos.size)
         history.append(float(cur[0]))
@@ -253,6 +259,9 @@ def vi(key: Array, target: Target, *, family: str = "fullrank", n_components: in
         _, khat = arviz().psislw(np.where(finite, log_ratio, -np.inf).copy())
         khat = float(khat)
     q = _q(params, family, shift, base)
+    if not all(np.all(np.isfinite(np.asarray(a))) for a in (q.weights, q.means, q.scale_tril)):
+        raise FloatingPointError("vi: the fit diverged (non-finite parameters); try another "
+                                 "family, a smaller learning_rate or laplace_init=False")
     q = GMM(np.asarray(q.weights), np.asarray(q.means), np.asarray(q.scale_tril))
     info = {"engine": "vi", "family": family, "objective": objective, "seconds": seconds,
             "steps": steps, "khat": khat, "elbo": history[-1] if history else float("nan"),
