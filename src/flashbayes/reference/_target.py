@@ -191,21 +191,36 @@ class NumPyroTarget(Target):
                             f"{type(model).__name__}")
         self.model = model
         self.static, self.data = _split_data(data or {})
+        # the model's structure, traced abstractly (no numbers are computed, so a starting
+        # point where e.g. an ODE solve fails cannot trip the distributions' argument checks);
         # init_to_uniform gives every latent site a value, improper priors included
-        tr = handlers.trace(handlers.substitute(handlers.seed(self._bound(self.data), 0),
-                                               substitute_fn=init_to_uniform)).get_trace()
-        latent = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
-        if not latent:
+        found: dict[str, Any] = {}
+
+        def probe(data):
+            tr = handlers.trace(handlers.substitute(handlers.seed(self._bound(data), 0),
+                                                   substitute_fn=init_to_uniform)).get_trace()
+            latent = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
+            found["latent"] = tuple(latent)
+            found["deterministic"] = tuple(n for n, s in tr.items()
+                                           if s["type"] == "deterministic")
+            found["shapes"] = {n: tuple(np.shape(tr[n]["value"])) for n in latent}
+            found["identity"] = all(isinstance(biject_to(tr[n]["fn"].support),
+                                               IdentityTransform) for n in latent)
+            if not latent:
+                return jnp.zeros(0)
+            flat, found["unravel"] = ravel_pytree(
+                self._unconstrain_dict({n: tr[n]["value"] for n in latent}, data))
+            return flat
+
+        flat = jax.eval_shape(probe, self.data)
+        if not found["latent"]:
             raise ValueError("model: expected at least one latent sample site; got none")
-        self.latent = tuple(latent)
-        self.deterministic = tuple(n for n, s in tr.items() if s["type"] == "deterministic")
-        self.site_shapes = {n: tuple(np.shape(tr[n]["value"])) for n in latent}
-        values = {n: tr[n]["value"] for n in latent}
-        z0 = self._unconstrain_dict(values, self.data)
-        flat, self._unravel = ravel_pytree(z0)
+        self.latent = found["latent"]
+        self.deterministic = found["deterministic"]
+        self.site_shapes = found["shapes"]
+        self._unravel = found["unravel"]
         self.dim = int(flat.shape[0])
-        self.identity = all(isinstance(biject_to(tr[n]["fn"].support), IdentityTransform)
-                            for n in latent)
+        self.identity = found["identity"]
         self.cache_key = ("numpyro", model, tuple(sorted(self.static.items(), key=str)),
                           _shape_key(self.data))
 
