@@ -17,6 +17,7 @@ from flashbayes.distributions import GMM
 from flashbayes.distributions._gmm import gmm_moments
 
 PosteriorArrays = Callable[..., tuple[Any, Any, Any]]
+_CHUNK = 256  # simulations per compiled call of the simulator and of the posterior sampler
 
 
 # -- posterior models ---------------------------------------------------------------------------
@@ -222,14 +223,23 @@ def calibration_draws(key: Array, model: Any, *, n_sims: int = 1000, n_draws: in
     task = model.task
     k_state, k_batch, k_draw = jax.random.split(key, 3)
     state = task.prepare(k_state) if task_state is None else task_state
-    batch = task.sample_batch(k_batch, n_sims, state)
+    # fixed-size chunks: the simulator and the sampler compile once per process, whatever n_sims
+    n_chunks = -(-n_sims // _CHUNK)
+    parts = [task.sample_batch(jax.random.fold_in(k_batch, i), _CHUNK, state)
+             for i in range(n_chunks)]
+    batch = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n_sims], *parts)
     cmask = np.asarray(batch.cmask, bool)
     w, m, s = _clean(*model.posterior_arrays(batch.weights, batch.means, batch.scale_tril,
                                              batch.cmask, batch.data, batch.dmask), cmask)
     theta = np.asarray(batch.theta, np.float32)
-    draws, lq_draws, lq_theta = _posterior_draws(
-        k_draw, jnp.asarray(w, jnp.float32), jnp.asarray(m, jnp.float32),
-        jnp.asarray(s, jnp.float32), jnp.asarray(theta), int(n_draws))
+    pad = n_chunks * _CHUNK - n_sims
+    w, m, s, th = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]).astype(np.float32)
+                   for a in (w, m, s, theta))
+    out = [_posterior_draws(jax.random.fold_in(k_draw, i), w[sl], m[sl], s[sl], th[sl],
+                            int(n_draws))
+           for i, sl in enumerate(slice(j, j + _CHUNK) for j in range(0, n_sims, _CHUNK))]
+    draws, lq_draws, lq_theta = (np.concatenate([np.asarray(o[k]) for o in out])[:n_sims]
+                                 for k in range(3))
     pw = np.where(cmask, np.asarray(batch.weights, np.float64), 0.0)
     d = theta.shape[1]
     return CalibrationDraws(
