@@ -234,7 +234,8 @@ def run(names: list[str] | None = None, *, seed: int = 0, repeated: bool = True,
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a `run` result as markdown."""
     lines = ["| posterior | params | NUTS max mean err / sd | NUTS sd ratio | C2ST | R-hat max | "
-             "div. | ESS/s (first call) | ESS/grad | NUTS s (first call / sampling) | NumPyro s | "
+             "div. | ESS/s (first call) | ESS/grad | NUTS s (first call / in program) | "
+             "NumPyro s | "
              "NumPyro max err | VI k-hat | VI max mean err / sd | VI sd ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["posteriors"]:
