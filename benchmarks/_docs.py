@@ -56,5 +56,18 @@ def write_results_doc() -> Path:
     return out
 
 
+def save(name: str, result: dict, markdown: str) -> None:
+    """Write results/NAME.json and NAME.md, then recompose docs/results.md."""
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown)):
+        path = RESULTS / f"{name}{suffix}"
+        tmp = path.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    write_results_doc()
+
+
 if __name__ == "__main__":
     print(write_results_doc())

@@ -14,12 +14,10 @@ benchmarks/results/infer.json and infer.md, then docs/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,7 +27,6 @@ from flashbayes._padding import size_bucket
 from flashbayes.reference import ConvergenceWarning
 
 HELD_OUT_SEED = 20261123
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def in_distribution(name: str, n: int) -> dict:
@@ -128,13 +125,10 @@ def main():
            "in_distribution": [in_distribution(name, args.n) for name in
                                ("gmm_linear", "gaussian_variance", "logistic_regression")],
            "far_outside": far_outside(args.n_far)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "infer.json").write_text(json.dumps(res, indent=1))
     md = to_markdown(res)
-    (RESULTS / "infer.md").write_text(md)
-    from _docs import write_results_doc
+    from _docs import save
 
-    write_results_doc()
+    save("infer", res, md)
     print(md)
 
 

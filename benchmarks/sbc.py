@@ -11,11 +11,9 @@ docs/results.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,7 +22,6 @@ import flashbayes as fb
 from flashbayes.diagnostics import expected_coverage, sbc, scale_covariance, tarp
 
 HELD_OUT_SEED = 20261123
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("gmm_linear", "gaussian_variance", "logistic_regression")
 
 
@@ -74,13 +71,10 @@ def main():
             rows.append({"model": name, "posterior": label, **row})
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
            "date": time.strftime("%Y-%m-%d"), "n_sims": args.sims, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sbc.json").write_text(json.dumps(res, indent=1))
     md = to_markdown(res)
-    (RESULTS / "sbc.md").write_text(md)
-    from _docs import write_results_doc
+    from _docs import save
 
-    write_results_doc()
+    save("sbc", res, md)
     print(md)
 
 
