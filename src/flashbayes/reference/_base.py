@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -123,15 +124,15 @@ class SampleSet:
         """Stan-style names of the entries of theta."""
         return [n for site in self.latent for n in flat_names(site, self.draws[site].shape[2:])]
 
-    @property
+    @functools.cached_property
     def flat(self) -> np.ndarray:
-        """(chains * n, d) matrix of theta draws (unweighted)."""
+        """(chains * n, d) matrix of theta draws (unweighted), built once."""
         cols = [self.draws[s].reshape(self.n_draws, -1) for s in self.latent]
         return np.concatenate(cols, axis=1).astype(np.float64)
 
     @property
     def dim(self) -> int:
-        return self.flat.shape[1]
+        return len(self.names)
 
     # -- legacy accessors used by benchmarks ----------------------------------------------------
     @property
