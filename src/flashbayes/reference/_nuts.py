@@ -1,4 +1,8 @@
-"""NUTS reference engine: BlackJAX window adaptation + NUTS, chains vmapped in one compiled call."""
+"""NUTS reference engine: BlackJAX window adaptation + NUTS, all chains in one compiled call.
+
+Chains run vmapped (the default) or one after another with `jax.lax.map`; either way the whole
+run is one compiled program.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,17 @@ from flashbayes.reference._target import Target, TaskTarget
 
 # compiled programs, one per (target structure, settings); jax.jit adds one entry per shape
 _PROGRAMS: dict[Any, Any] = {}
+CHAIN_METHODS = ("vectorized", "sequential")
+
+
+def _check_chain_method(chain_method: Any) -> str:
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method: expected one of {CHAIN_METHODS}; got {chain_method!r}")
+    return chain_method
 
 
 def _build(target: Target, num_warmup: int, num_samples: int, target_accept: float,
-           dense_mass: bool, max_treedepth: int):
+           dense_mass: bool, max_treedepth: int, chain_method: str):
     def run(key, init, data):
         def logdensity(z):
             return target.log_density(z, data)
@@ -49,8 +60,11 @@ def _build(target: Target, num_warmup: int, num_samples: int, target_accept: flo
             warm_steps = jnp.sum(ainfo.info.num_integration_steps)
             return pos, div, steps, acc, warm_steps, params["step_size"]
 
-        keys = jax.random.split(key, init.shape[0])
-        pos, div, steps, acc, warm, eps = jax.vmap(one_chain)(keys, init)
+        keys = jax.random.split(key, init.shape[0])  # the same per-chain keys for both methods
+        if chain_method == "vectorized":
+            pos, div, steps, acc, warm, eps = jax.vmap(one_chain)(keys, init)
+        else:  # one chain after another: each while-loop stops at its own chain's count
+            pos, div, steps, acc, warm, eps = jax.lax.map(lambda a: one_chain(*a), (keys, init))
         sites = jax.vmap(jax.vmap(lambda z: target.constrain(z, data)))(pos)
         return sites, div, steps, acc, warm, eps
 
@@ -58,13 +72,15 @@ def _build(target: Target, num_warmup: int, num_samples: int, target_accept: flo
 
 
 def nuts_program(target: Target, *, num_warmup: int = 1000, num_samples: int = 1000,
-                 target_accept: float = 0.8, dense_mass: bool = False, max_treedepth: int = 10):
+                 target_accept: float = 0.8, dense_mass: bool = False, max_treedepth: int = 10,
+                 chain_method: str = "vectorized"):
     """The compiled NUTS program for this target's structure (shared by same-shaped data)."""
+    chain_method = _check_chain_method(chain_method)
     key = (target.cache_key, int(num_warmup), int(num_samples), float(target_accept),
-           bool(dense_mass), int(max_treedepth))
+           bool(dense_mass), int(max_treedepth), chain_method)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = _build(target, int(num_warmup), int(num_samples), float(target_accept),
-                                bool(dense_mass), int(max_treedepth))
+                                bool(dense_mass), int(max_treedepth), chain_method)
     return _PROGRAMS[key]
 
 
@@ -77,8 +93,9 @@ def _check_positive(name: str, value: Any, minimum: int = 1) -> int:
 @register_engine("nuts")
 def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int = 1000,
          num_chains: int = 4, target_accept: float = 0.8, dense_mass: bool = False,
-         max_treedepth: int = 10, init: Array | None = None, warn: bool = True) -> SampleSet:
-    """NUTS with window adaptation (BlackJAX), `num_chains` chains vmapped in one program.
+         max_treedepth: int = 10, init: Array | None = None, warn: bool = True,
+         chain_method: str = "vectorized") -> SampleSet:
+    """NUTS with window adaptation (BlackJAX), `num_chains` chains in one compiled program.
 
     The program is compiled once per target structure and data shape: new data of the same
     shape reuse it. Reports split R-hat, bulk and tail ESS (ArviZ), divergences, gradient
@@ -95,6 +112,14 @@ def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int
         init: (num_chains, d) unconstrained starting points; default: uniform in [-2, 2]
             (the prior for task targets).
         warn: issue ConvergenceWarning when a diagnostic fails.
+        chain_method: "vectorized" (default) runs the chains side by side with `jax.vmap`;
+            "sequential" runs them one after another with `jax.lax.map`, in the same single
+            compiled program. Under vmap every while-loop (NUTS tree building, and any loop
+            inside the log density) runs all chains until the slowest one stops, so use
+            "sequential" for models with inner adaptive loops such as adaptive-step ODE solves,
+            where the per-chain step counts differ widely. The same key gives the same draws
+            with either method up to float round-off (which NUTS amplifies over long runs: the
+            chains then differ in detail, not in distribution).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -109,11 +134,12 @@ def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int
     num_warmup = _check_positive("num_warmup", num_warmup, 0)
     num_samples = _check_positive("num_samples", num_samples)
     num_chains = _check_positive("num_chains", num_chains)
+    chain_method = _check_chain_method(chain_method)
     if not 0.0 < float(target_accept) < 1.0:
         raise ValueError(f"target_accept: expected a value in (0, 1); got {target_accept}")
     program = nuts_program(target, num_warmup=num_warmup, num_samples=num_samples,
                            target_accept=target_accept, dense_mass=dense_mass,
-                           max_treedepth=max_treedepth)
+                           max_treedepth=max_treedepth, chain_method=chain_method)
     k_init, k_run = jax.random.split(key)
     if init is None:
         init = target.initial_positions(k_init, num_chains, target.data)
@@ -126,6 +152,7 @@ def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int
     sites = {k: np.asarray(v) for k, v in sites.items()}
     info: dict[str, Any] = {
         "engine": "nuts", "seconds": seconds, "num_chains": num_chains,
+        "chain_method": chain_method,
         "divergences": int(np.sum(div)),
         "gradient_evaluations": int(np.sum(steps) + np.sum(warm)),
         "step_size": np.asarray(eps).tolist(),
