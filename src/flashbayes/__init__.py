@@ -7,6 +7,7 @@ Example:
 """
 
 from flashbayes import diagnostics, tasks
+from flashbayes._filter import FilterResult, Stream, filter
 from flashbayes._infer import infer
 from flashbayes.amortized import (
     AmortizedPosterior,
@@ -24,7 +25,8 @@ from flashbayes.distributions import GMM, fit_gmm
 __version__ = "0.1.0"
 
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
-           "TrainConfig", "TrainEvent", "diagnostics", "fit_gmm", "infer", "load",
+           "FilterResult", "Stream", "TrainConfig", "TrainEvent", "diagnostics", "filter",
+           "fit_gmm", "infer", "load",
            "load_pretrained", "reference", "tasks", "train", "__version__"]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flashbayes import tasks as _tasks
@@ -55,8 +56,9 @@ class AmortizedPosterior:
         self.network = network
         self.task = task
         self.meta = dict(meta or {})
-        self._single = jax.jit(network.__call__)
-        self._batched = jax.jit(jax.vmap(network.__call__))
+        self.core = network_core(network, task)
+        self._single = jax.jit(self.core)
+        self._batched = jax.jit(jax.vmap(self.core))
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -210,6 +212,25 @@ class AmortizedPosterior:
             self.task.name, self.meta.get("task_params", {}), self.config,
             self.meta.get("train_config"), self.meta.get("step", 0), self.meta.get("train_seconds"))
         return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
+
+
+def network_core(network: DistributionTransformer, task: _tasks.Task):
+    """The unbatched map (padded prior, padded data) -> padded posterior that every inference
+    path runs. For translation-equivariant tasks (`task.translation_equivariant`), the prior is
+    shifted to zero mean and the data by `task.data_offset` first, and the posterior shifted
+    back: the network then only ever sees centred priors, wherever the state is."""
+    if not getattr(task, "translation_equivariant", False):
+        return network.__call__
+
+    def centred(weights, means, scale_tril, cmask, data, dmask):
+        w = jnp.where(cmask, weights, 0.0)
+        c = jnp.sum((w / jnp.sum(w))[:, None] * means, 0)
+        m0 = jnp.where(cmask[:, None], means - c, 0.0)
+        x0 = jnp.where(dmask[:, None], data - task.data_offset(c), 0.0)
+        pw, pm, ps = network(weights, m0, scale_tril, cmask, x0, dmask)
+        return pw, pm + c, ps
+
+    return centred
 
 
 def checkpoint_header(task: str, task_params: dict, model_config: DTConfig,

@@ -15,6 +15,7 @@ from flashbayes.reference._base import (
 )
 from flashbayes.reference._cache import compilation_cache_dir, set_compilation_cache
 from flashbayes.reference._exact import exact
+from flashbayes.reference._filters import filters, get_filter, register_filter
 from flashbayes.reference._numpyro import numpyro_model, run_numpyro_nuts
 from flashbayes.reference._nuts import TaskNUTS, diagnose, nuts
 from flashbayes.reference._smc import smc
@@ -23,5 +24,6 @@ from flashbayes.reference._vi import VIPosterior, vi
 
 __all__ = ["ConvergenceWarning", "LogDensityTarget", "NumPyroTarget", "SampleSet", "Target",
            "TaskNUTS", "TaskTarget", "VIPosterior", "compilation_cache_dir", "diagnose",
-           "engines", "exact", "flat_names", "get_engine", "numpyro_model", "nuts",
-           "run_numpyro_nuts", "set_compilation_cache", "smc", "vi"]
+           "engines", "exact", "filters", "flat_names", "get_engine", "get_filter",
+           "numpyro_model", "nuts", "register_filter", "run_numpyro_nuts",
+           "set_compilation_cache", "smc", "vi"]

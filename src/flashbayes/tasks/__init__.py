@@ -3,10 +3,10 @@
 Example:
     >>> import flashbayes as fb
     >>> fb.tasks.names()
-    ['gaussian_variance', 'gmm_linear', 'logistic_regression']
+    ['gaussian_variance', 'gmm_linear', 'logistic_regression', 'lti_tracking']
 """
 
-from flashbayes.tasks import _linear, _logistic, _variance  # noqa: F401  (registration)
+from flashbayes.tasks import _linear, _logistic, _tracking, _variance  # noqa: F401  (registration)
 from flashbayes.tasks._base import Batch, Problem, Task, get, names, register, task_params
 from flashbayes.tasks._linear import gaussian_sum_update
 from flashbayes.tasks._variance import LogInverseGamma

@@ -132,6 +132,14 @@ class Task:
         eps = jax.random.normal(k2, (self.theta_dim,))
         return means[idx] + scale_tril[idx] @ eps
 
+    def problem_state(self, key: Array) -> Any:
+        """The state `sample_problem` draws a user's problem with when none is given."""
+        return self.prepare(jax.random.fold_in(key, 7))
+
+    def _sample_n(self, key: Array) -> Array:
+        """Data-set size of one training problem (uniform on n_min..n_max)."""
+        return jax.random.randint(key, (), self.n_min, self.n_max + 1)
+
     def _simulate(self, key: Array, theta: Array, n: int) -> Array:
         """n data rows for one theta."""
         raise NotImplementedError
@@ -152,7 +160,7 @@ class Task:
         kp, kt, kn, kx = jax.random.split(key, 4)
         w, m, s, cmask, aux = self._sample_prior(kp, state)
         theta = self._sample_theta(kt, w, m, s, aux)
-        n = jax.random.randint(kn, (), self.n_min, self.n_max + 1)
+        n = self._sample_n(kn)
         x = self._simulate(kx, theta, self.n_max)
         dmask = jnp.arange(self.n_max) < n
         x = jnp.where(dmask[:, None], x, 0.0)
@@ -166,7 +174,7 @@ class Task:
     def sample_problem(self, key: Array, *, n: int | None = None, state: Any = None) -> Problem:
         """One problem with the padding removed, as NumPy arrays and a validated GMM."""
         if state is None:
-            state = self.prepare(jax.random.fold_in(key, 7))
+            state = self.problem_state(key)
         batch, aux = self._one(key, state)
         cm = np.asarray(batch.cmask)
         count = int(np.asarray(batch.dmask).sum()) if n is None else int(n)

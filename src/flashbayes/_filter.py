@@ -1,0 +1,333 @@
+"""Sequential inference: posterior -> (transition) -> next prior, one observation at a time.
+
+The amortized path runs the model's network once per step; the same compiled step serves the
+whole-sequence path (`jax.lax.scan`), the stream path (`Stream.update`) and the service (many
+streams in one batched call). Reference filters (Kalman, EKF, UKF, particle, grid) sit in
+`flashbayes.reference` and are reached through the same `filter` function by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashbayes._padding import pad_prior, size_bucket
+from flashbayes.distributions import GMM
+
+PRUNE_BELOW = 1e-6  # components under this weight are dropped after each update
+
+
+# -- component bound ---------------------------------------------------------------------------
+
+
+def reduce_components(prior: GMM, max_components: int) -> GMM:
+    """Merge the pair of components with the smallest loss of information until at most
+    `max_components` remain (moment-preserving merges; the pair cost is the upper bound on the
+    KL increase of Runnalls, 2007). Float64; the mixture's mean and covariance are kept.
+
+    Example:
+        >>> import numpy as np
+        >>> import flashbayes as fb
+        >>> g = fb.GMM(np.full(3, 1 / 3), np.array([[0.0], [0.1], [5.0]]), np.ones((3, 1, 1)))
+        >>> reduce_components(g, 2).n_components
+        2
+    """
+    if not isinstance(max_components, int) or max_components < 1:
+        raise ValueError(f"max_components: expected a positive integer; got {max_components!r}")
+    w = list(np.asarray(prior.weights, np.float64))
+    m = list(np.asarray(prior.means, np.float64))
+    ls = np.asarray(prior.scale_tril, np.float64)
+    c = [L @ L.T for L in ls]
+
+    def merged(i, j):
+        wi, wj = w[i], w[j]
+        wt = wi + wj
+        mt = (wi * m[i] + wj * m[j]) / wt
+        ct = (wi * (c[i] + np.outer(m[i] - mt, m[i] - mt))
+              + wj * (c[j] + np.outer(m[j] - mt, m[j] - mt))) / wt
+        return wt, mt, ct
+
+    def cost(i, j):
+        wt, _, ct = merged(i, j)
+        ld = np.linalg.slogdet
+        return 0.5 * (wt * ld(ct)[1] - w[i] * ld(c[i])[1] - w[j] * ld(c[j])[1])
+
+    while len(w) > max_components:
+        pairs = [(cost(i, j), i, j) for i in range(len(w)) for j in range(i + 1, len(w))]
+        _, i, j = min(pairs)
+        wt, mt, ct = merged(i, j)
+        for idx in (j, i):
+            del w[idx], m[idx], c[idx]
+        w.append(wt)
+        m.append(mt)
+        c.append(0.5 * (ct + ct.T))
+    w_arr = np.array(w)
+    return GMM(w_arr / w_arr.sum(), np.array(m), np.linalg.cholesky(np.array(c)))
+
+
+# -- observations -------------------------------------------------------------------------------
+
+
+def validate_observations(observations: Any, data_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, data_dim) observations as float64, and the mask of the observed steps.
+
+    A row that is all NaN is a missing observation (the step only applies the transition).
+    """
+    try:
+        y = np.asarray(observations, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("observations: expected an array of numbers; got "
+                        f"{type(observations).__name__}") from exc
+    if y.ndim == 1 and data_dim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[1] != data_dim:
+        raise ValueError(f"observations: expected shape (T, {data_dim}); got {y.shape}")
+    if y.shape[0] == 0:
+        raise ValueError("observations: expected at least one step; got none")
+    missing = np.isnan(y).all(1)
+    if not np.isfinite(y[~missing]).all():
+        raise ValueError("observations: expected finite values (a row of NaN marks a missing "
+                         "observation); got NaN or inf in a partly observed row")
+    return np.where(missing[:, None], 0.0, y), ~missing
+
+
+# -- amortized filter ----------------------------------------------------------------------------
+
+
+class AmortizedFilter:
+    """The compiled update steps of an amortized model: one step for one stream, a scan for a
+    whole sequence, and a batched step for many streams at once.
+
+    State is a padded mixture (weights (K,), means (K, d), scale_tril (K, d, d), mask (K,))
+    with K = the task's component count; the network maps K components to K components, so the
+    mixture never grows; components whose weight falls under `PRUNE_BELOW` are masked out.
+    """
+
+    def __init__(self, model):
+        task = model.task
+        if task.n_max < 1:
+            raise ValueError(f"model: expected a task that takes observations; {task.name!r} "
+                             "takes none")
+        self.model = model
+        self.task = task
+        self.k = task.k_max
+        self.rows = size_bucket(1)
+        core = model.core
+        dynamic = getattr(task, "dynamic", False)
+
+        def step(state, obs):
+            w, m, s, cm = state
+            y, observed = obs
+            if dynamic:
+                w, m, s = task.transition_arrays(w, m, s)
+            data = jnp.zeros((self.rows, y.shape[0]), y.dtype).at[0].set(y)
+            dmask = (jnp.arange(self.rows) == 0) & observed
+            pw, pm, ps = core(w, m, s, cm, data, dmask)
+            keep = cm & ((pw >= PRUNE_BELOW) | (pw == jnp.max(jnp.where(cm, pw, -1.0))))
+            pw = jnp.where(keep, pw, 0.0)
+            pw = pw / jnp.sum(pw)
+            ps = jnp.where(keep[:, None, None], ps, jnp.eye(ps.shape[-1], dtype=ps.dtype))
+            pm = jnp.where(keep[:, None], pm, 0.0)
+            new = (pw, pm, ps, keep)
+            return new, new
+
+        self._step = jax.jit(step)
+        self._batched = jax.jit(jax.vmap(step))
+        self._scan = jax.jit(lambda state, ys, obs: jax.lax.scan(step, state, (ys, obs)))
+
+    # -- conversions ------------------------------------------------------------------------
+    def initial_state(self, prior: GMM):
+        """The padded state of a prior (merged down to the model's component count)."""
+        prior = self.model._check_prior(prior)
+        if prior.n_components > self.k:
+            prior = reduce_components(prior, self.k)
+        return tuple(jnp.asarray(a) for a in pad_prior(prior, self.k))
+
+    @staticmethod
+    def to_gmm(state) -> GMM:
+        w, m, s, cm = (np.asarray(a) for a in state)
+        keep = cm.astype(bool)
+        return GMM.unchecked(w[keep].astype(np.float64), m[keep].astype(np.float64),
+                             s[keep].astype(np.float64))
+
+    # -- paths --------------------------------------------------------------------------------
+    def step(self, state, y: np.ndarray, observed: bool):
+        new, _ = self._step(state, (jnp.asarray(y, jnp.float32), jnp.asarray(observed)))
+        return new
+
+    def step_batch(self, states, ys: np.ndarray, observed: np.ndarray):
+        """One update of B streams in one call: states stacked on axis 0, ys (B, p)."""
+        new, _ = self._batched(states, (jnp.asarray(ys, jnp.float32),
+                                        jnp.asarray(observed, bool)))
+        return new
+
+    def run(self, state, ys: np.ndarray, observed: np.ndarray):
+        """All steps in one compiled scan; returns the stacked states (T, ...)."""
+        _, states = self._scan(state, jnp.asarray(ys, jnp.float32), jnp.asarray(observed, bool))
+        return states
+
+
+def _filter_of(model) -> AmortizedFilter:
+    # one compiled filter per model object
+    cached = getattr(model, "_amortized_filter", None)
+    if cached is None:
+        cached = AmortizedFilter(model)
+        model._amortized_filter = cached
+    return cached
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FilterResult:
+    """The posterior over the current state after each of T steps.
+
+    `result[t]` is the posterior after observation t + 1 (a `GMM`, or for sample-based filters
+    a weighted `SampleSet`); `means` is (T, d); `info` says how it was computed and how long it
+    took.
+    """
+
+    posteriors: list
+    info: dict
+
+    def __len__(self) -> int:
+        return len(self.posteriors)
+
+    def __getitem__(self, t: int):
+        return self.posteriors[t]
+
+    def __iter__(self):
+        return iter(self.posteriors)
+
+    @property
+    def means(self) -> np.ndarray:
+        return np.stack([np.asarray(p.mean(), np.float64) for p in self.posteriors])
+
+    def log_prob(self, states: Any) -> np.ndarray:
+        """(T,) log density of states (T, d) under the posterior of each step."""
+        x = np.asarray(states, np.float64)
+        if x.shape != (len(self), self.posteriors[0].mean().shape[-1]):
+            raise ValueError(f"states: expected shape ({len(self)}, d); got {x.shape}")
+        return np.array([float(np.asarray(p.log_prob(x[t][None]))[0])
+                         for t, p in enumerate(self.posteriors)])
+
+
+class Stream:
+    """Step-at-a-time filtering for observations that arrive one by one.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> model = fb.load_pretrained("lti_tracking")
+        >>> prior = model.task.sample_problem(jax.random.key(0), n=0).prior
+        >>> stream = fb.Stream(model, prior)
+        >>> post = stream.update([0.3, -1.2])
+        >>> stream.step, post.dim
+        (1, 4)
+    """
+
+    def __init__(self, model, prior: GMM):
+        self._filter = _filter_of(model)
+        self._state = self._filter.initial_state(prior)
+        self.step = 0
+
+    @property
+    def posterior(self) -> GMM:
+        return AmortizedFilter.to_gmm(self._state)
+
+    def update(self, observation: Any) -> GMM:
+        """Apply the transition (if the state moves) and one observation (all NaN: missing)."""
+        y, observed = validate_observations(np.asarray(observation, np.float64)[None],
+                                            self._filter.task.data_dim)
+        self._state = self._filter.step(self._state, y[0], bool(observed[0]))
+        self.step += 1
+        return self.posterior
+
+
+def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
+           method: str = "scan", task: Any = None, **options: Any) -> FilterResult:
+    """Filter a sequence: the posterior over the current state after each observation.
+
+    The prior is over the initial state x_0 and the first observation is y_1. For tasks whose
+    state moves (`task.dynamic`), each step first applies the task's transition, then the
+    update with the observation. A row of NaN is a missing observation.
+
+    Args:
+        model: an amortized model (`fb.load_pretrained("lti_tracking")`, `fb.load(...)`), or the
+            name of a reference filter (`fb.reference.filters()`: "kalman", "ekf", "ukf",
+            "particle", "grid"), which then needs `task`.
+        prior: a `GMM` over the initial state.
+        observations: (T, data_dim) array.
+        key: PRNG key (used by stochastic filters; the amortized filter is deterministic).
+        method: amortized models only: "scan" (one compiled loop) or "step" (one call per
+            observation, as a stream does); both give the same answer.
+        task: for reference filters, the task (name or object).
+        **options: passed to the reference filter (e.g. `num_particles`).
+
+    Returns:
+        A `FilterResult` of T posteriors.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> model = fb.load_pretrained("lti_tracking")
+        >>> task = model.task
+        >>> prior = task.sample_problem(jax.random.key(0), n=0).prior
+        >>> _, ys = task.simulate_trajectory(jax.random.key(1), prior.mean(), 20)
+        >>> res = fb.filter(model, prior, ys, key=jax.random.key(2))
+        >>> len(res), res.info["method"]
+        (20, 'scan')
+    """
+    from flashbayes.amortized import AmortizedPosterior
+
+    _check_key(key)
+    if isinstance(model, str):
+        from flashbayes import tasks as _tasks
+        from flashbayes.reference import get_filter
+
+        if task is None:
+            raise ValueError(f"task: expected a task (name or object) for the reference filter "
+                             f"{model!r}; got None")
+        task_obj = _tasks.get(task) if isinstance(task, str) else task
+        engine = get_filter(model)
+        ys, observed = validate_observations(observations, task_obj.data_dim)
+        if not isinstance(prior, GMM):
+            raise TypeError(f"prior: expected a GMM; got {type(prior).__name__}")
+        t0 = time.perf_counter()
+        posts = engine(key, task_obj, prior, ys, observed, **options)
+        info = {"method": model, "seconds": time.perf_counter() - t0}
+        return FilterResult(list(posts), info)
+    if not isinstance(model, AmortizedPosterior):
+        raise TypeError("model: expected an amortized model or a reference filter name; got "
+                        f"{type(model).__name__}")
+    if options:
+        raise TypeError(f"unexpected options for an amortized model: {sorted(options)}")
+    flt = _filter_of(model)
+    ys, observed = validate_observations(observations, model.task.data_dim)
+    state = flt.initial_state(prior)
+    t0 = time.perf_counter()
+    if method == "scan":
+        stacked = [np.asarray(a) for a in flt.run(state, ys, observed)]
+        posts = [AmortizedFilter.to_gmm(tuple(a[t] for a in stacked)) for t in range(len(ys))]
+    elif method == "step":
+        posts = []
+        for y, o in zip(ys, observed):
+            state = flt.step(state, y, bool(o))
+            posts.append(AmortizedFilter.to_gmm(state))
+    else:
+        raise ValueError(f"method: expected 'scan' or 'step'; got {method!r}")
+    return FilterResult(posts, {"method": method, "seconds": time.perf_counter() - t0,
+                                "steps": len(ys)})
+
+
+def _check_key(key: Any) -> None:
+    ok = isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                         or (key.dtype == jnp.uint32 and key.shape == (2,)))
+    if not ok:
+        raise TypeError(f"key: expected a JAX PRNG key (jax.random.key(seed)); got {key!r}")
