@@ -2,11 +2,12 @@
 
 Example:
     >>> import flashbayes as fb
-    >>> fb.tasks.names()
-    ['gaussian_variance', 'gmm_linear', 'logistic_regression', 'lti_tracking']
+    >>> fb.tasks.names()[:3]
+    ['gaussian_variance', 'gmm_linear', 'logistic_regression']
 """
 
-from flashbayes.tasks import _linear, _logistic, _tracking, _variance  # noqa: F401  (registration)
+# registration
+from flashbayes.tasks import _linear, _logistic, _qubit, _tracking, _variance  # noqa: F401
 from flashbayes.tasks._base import Batch, Problem, Task, get, names, register, task_params
 from flashbayes.tasks._linear import gaussian_sum_update
 from flashbayes.tasks._variance import LogInverseGamma

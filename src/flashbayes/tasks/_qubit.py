@@ -1,0 +1,140 @@
+"""`qubit_rabi`: the Rabi frequency and dephasing time of a driven qubit, one outcome at a time.
+
+theta = (omega, T2). A measurement at time t >= 0 returns 1 with probability
+
+    p(t; omega, T2) = (1 - D(t, T2) cos(omega t)) / 2,   D = exp(-t / T2) for T2 > 0, else 0
+
+(D is continued by its limit at T2 -> 0+, so the likelihood is defined on all of R^2, where a
+GMM prior lives). A data row is (t, outcome). docs/filtering.md states the model and the
+prior family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashbayes.distributions import GMM
+from flashbayes.tasks._base import Task, register, sample_gmm_family
+
+_EPS = 1e-6  # outcome probabilities are kept in [eps, 1 - eps]
+
+
+def outcome_probability(theta, t):
+    """P(outcome = 1 | theta = (omega, T2), t); broadcasts over leading axes."""
+    omega, t2 = theta[..., 0], theta[..., 1]
+    decay = jnp.where(t2 > 0, jnp.exp(-t / jnp.where(t2 > 0, t2, 1.0)), 0.0)
+    p = 0.5 * (1.0 - decay * jnp.cos(omega * t))
+    return jnp.clip(p, _EPS, 1 - _EPS)
+
+
+@register("qubit_rabi")
+class QubitRabi(Task):
+    """Rabi oscillation with dephasing: infer (omega, T2) from single-shot outcomes.
+
+    Priors: K = 1..5 components; means omega ~ U[omega_range], T2 ~ U[t2_range]; per-axis
+    scales LogUniform between `scale_range` times the range's width (a wide span, so that the
+    narrow posteriors met late in a sequence are inside the training family); random
+    correlations. Measurement times t ~ U[0, t_max]. One update uses 0 or 1 outcome.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> task = fb.tasks.get("qubit_rabi")
+        >>> p = task.sample_problem(jax.random.key(0), n=1)
+        >>> p.data.shape
+        (1, 2)
+    """
+
+    description = "driven qubit: (omega, T2) from single-shot outcomes (grid reference)"
+    has_exact = False
+    dynamic = False
+
+    def __init__(self, *, omega_range: tuple[float, float] = (0.5, 3.0),
+                 t2_range: tuple[float, float] = (2.0, 10.0),
+                 scale_range: tuple[float, float] = (0.005, 0.3), t_max: float = 10.0,
+                 n_min: int = 0, n_max: int = 1, k_min: int = 1, k_max: int = 5,
+                 empty_fraction: float = 0.05):
+        self.theta_dim, self.data_dim = 2, 2
+        self.omega_range = tuple(float(v) for v in omega_range)
+        self.t2_range = tuple(float(v) for v in t2_range)
+        self.scale_range = tuple(float(v) for v in scale_range)
+        self.t_max = float(t_max)
+        if not self.t_max > 0:
+            raise ValueError(f"t_max: expected > 0; got {t_max}")
+        self.n_min, self.n_max = int(n_min), int(n_max)
+        self.k_min, self.k_max = int(k_min), int(k_max)
+        self.empty_fraction = float(empty_fraction)
+        lo = np.array([self.omega_range[0], self.t2_range[0]])
+        width = np.array([self.omega_range[1] - self.omega_range[0],
+                          self.t2_range[1] - self.t2_range[0]])
+        self._lo = jnp.asarray(lo, jnp.float32)
+        self._width = jnp.asarray(width, jnp.float32)
+
+    def _sample_n(self, key):
+        return jnp.where(jax.random.uniform(key) < self.empty_fraction, self.n_min, self.n_max)
+
+    def _sample_prior(self, key, state):
+        # the shared family on the unit square, mapped to the parameter box per axis
+        w, m, s, cmask = sample_gmm_family(
+            key, d=2, k_min=self.k_min, k_max=self.k_max, mean_low=0.0, mean_high=1.0,
+            scale_low=self.scale_range[0], scale_high=self.scale_range[1])
+        means = self._lo + m * self._width
+        tril = self._width[:, None] * s
+        tril = jnp.where(cmask[:, None, None], tril, jnp.eye(2))
+        means = jnp.where(cmask[:, None], means, 0.0)
+        return w, means, tril, cmask, None
+
+    def _simulate(self, key, theta, n):
+        kt, ky = jax.random.split(key)
+        t = jax.random.uniform(kt, (n,), maxval=self.t_max)
+        y = jax.random.bernoulli(ky, outcome_probability(theta, t)).astype(jnp.float32)
+        return jnp.stack([t, y], 1)
+
+    def log_likelihood(self, theta, data, mask=None):
+        p = outcome_probability(theta[..., None, :], data[:, 0])
+        y = data[:, 1]
+        ll = y * jnp.log(p) + (1 - y) * jnp.log1p(-p)
+        if mask is not None:
+            ll = jnp.where(mask, ll, 0.0)
+        return jnp.sum(ll, -1)
+
+    def validate_data(self, data: Any) -> np.ndarray:
+        x = super().validate_data(data)
+        if np.any(x[:, 0] < 0):
+            raise ValueError("data: expected measurement times t >= 0 in column 0; got a "
+                             "negative time")
+        if not np.all(np.isin(x[:, 1], (0.0, 1.0))):
+            raise ValueError("data: expected outcomes 0 or 1 in column 1; got "
+                             f"{sorted(set(np.unique(x[:, 1]).tolist()) - {0.0, 1.0})[:3]}")
+        return x
+
+    def data_out_of_range(self, data: np.ndarray) -> str:
+        if data.size and float(np.max(data[:, 0])) > self.t_max:
+            return (f"measurement time {float(np.max(data[:, 0])):.3g} beyond the trained "
+                    f"t_max = {self.t_max:g}")
+        return ""
+
+    def grid(self, prior: GMM, *, size: int = 200, span: float = 6.0):
+        """A grid covering `prior` (mean +- span sd per axis): (points (size^2, 2), cell area)."""
+        mean = np.asarray(prior.mean(), np.float64)
+        sd = np.sqrt(np.diag(np.asarray(prior.cov(), np.float64)))
+        axes = [np.linspace(mean[i] - span * sd[i], mean[i] + span * sd[i], size)
+                for i in range(2)]
+        g = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+        area = float(np.prod([a[1] - a[0] for a in axes]))
+        return g, area
+
+    def grid_log_likelihood(self, points: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """Log likelihood of all data rows at each grid point (float64, NumPy)."""
+        pts = np.asarray(points, np.float64)
+        t = np.asarray(data, np.float64)[:, 0]
+        y = np.asarray(data, np.float64)[:, 1]
+        omega, t2 = pts[:, :1], pts[:, 1:]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            decay = np.where(t2 > 0, np.exp(-t[None, :] / np.where(t2 > 0, t2, 1.0)), 0.0)
+        p = np.clip(0.5 * (1 - decay * np.cos(omega * t[None, :])), _EPS, 1 - _EPS)
+        return np.sum(y * np.log(p) + (1 - y) * np.log1p(-p), 1)
