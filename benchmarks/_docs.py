@@ -24,6 +24,9 @@ SECTIONS = [
      "held-out problems (seed 20261123), k-hat from 1,000 amortized draws."),
     ("sbc.md", "Calibration of the shipped models (SBC)",
      "From `python benchmarks/sbc.py` (`benchmarks/results/sbc.json`)."),
+    ("filtering.md", "Sequential inference",
+     "From `python benchmarks/filtering.py` (`benchmarks/results/filtering.json`); see "
+     "docs/filtering.md for the models and the references."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "
      "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashbayes.distributions import GMM
 from flashbayes.tasks._base import Task, register, sample_gmm_family
 
 _EPS = 1e-6  # outcome probabilities are kept in [eps, 1 - eps]
@@ -117,16 +116,6 @@ class QubitRabi(Task):
             return (f"measurement time {float(np.max(data[:, 0])):.3g} beyond the trained "
                     f"t_max = {self.t_max:g}")
         return ""
-
-    def grid(self, prior: GMM, *, size: int = 200, span: float = 6.0):
-        """A grid covering `prior` (mean +- span sd per axis): (points (size^2, 2), cell area)."""
-        mean = np.asarray(prior.mean(), np.float64)
-        sd = np.sqrt(np.diag(np.asarray(prior.cov(), np.float64)))
-        axes = [np.linspace(mean[i] - span * sd[i], mean[i] + span * sd[i], size)
-                for i in range(2)]
-        g = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
-        area = float(np.prod([a[1] - a[0] for a in axes]))
-        return g, area
 
     def grid_log_likelihood(self, points: np.ndarray, data: np.ndarray) -> np.ndarray:
         """Log likelihood of all data rows at each grid point (float64, NumPy)."""
