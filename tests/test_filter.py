@@ -1,0 +1,189 @@
+"""Sequential inference: fb.filter, fb.Stream, component reduction and the reference filters."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import flashbayes as fb
+from flashbayes._filter import reduce_components, validate_observations
+from flashbayes.amortized import AmortizedPosterior, DistributionTransformer, DTConfig
+
+
+def tiny_model(task_name="lti_tracking", seed=0, perturb=0.0):
+    """An untrained network (its head starts at zero: the update returns the prior), or a
+    randomly perturbed one (perturb > 0) whose updates are arbitrary."""
+    task = fb.tasks.get(task_name)
+    net = DistributionTransformer(DTConfig(theta_dim=task.theta_dim, data_dim=task.data_dim,
+                                           d_model=16, n_layers=1, n_heads=2),
+                                  key=jax.random.key(seed))
+    if perturb:
+        w = net.head.weight
+        net = eqx.tree_at(lambda n: n.head.weight, net,
+                          perturb * jax.random.normal(jax.random.key(seed + 1), w.shape))
+    return AmortizedPosterior(net, task)
+
+
+def track(task, seed=0, steps=30):
+    prior = task.sample_problem(jax.random.key(seed), n=0).prior
+    x0 = np.asarray(prior.sample(jax.random.key(seed + 100), 1))[0]
+    xs, ys = task.simulate_trajectory(jax.random.key(seed + 200), x0, steps)
+    return prior, np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+
+def test_scan_and_step_paths_agree():
+    model = tiny_model(perturb=0.05)
+    prior, _, ys = track(model.task)
+    a = fb.filter(model, prior, ys, key=jax.random.key(0))
+    b = fb.filter(model, prior, ys, key=jax.random.key(0), method="step")
+    stream = fb.Stream(model, prior)
+    c = [stream.update(y) for y in ys]
+    assert len(a) == len(b) == len(c) == len(ys)
+    for t in (0, 10, len(ys) - 1):
+        for other in (b[t], c[t]):
+            np.testing.assert_allclose(a[t].means, other.means, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a[t].weights, other.weights, rtol=1e-5, atol=1e-6)
+    assert stream.step == len(ys)
+    # the perturbed network really updates: its answer is not the prediction alone
+    pred = fb.filter(tiny_model(), prior, ys, key=jax.random.key(0))
+    assert np.abs(a.means[-1] - pred.means[-1]).max() > 1e-3
+
+
+def test_untrained_model_applies_only_the_transition():
+    """A zero head returns its prior, so the filter equals the Kalman prediction alone."""
+    model = tiny_model()
+    task = model.task
+    prior, _, ys = track(task, seed=3, steps=12)
+    res = fb.filter(model, prior, ys, key=jax.random.key(0))
+    missing = np.full_like(ys, np.nan)  # every observation missing: transition only
+    ref = fb.filter("kalman", prior, missing, key=jax.random.key(0), task=task)
+    for t in range(len(ys)):
+        np.testing.assert_allclose(res[t].mean(), ref[t].mean(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(res[t].cov(), ref[t].cov(), rtol=1e-3, atol=1e-4)
+
+
+def test_kalman_matches_textbook_single_component():
+    task = fb.tasks.get("lti_tracking")
+    prior = fb.GMM([1.0], [[0.5, -1.0, 1.0, 0.3]], [np.diag([0.8, 0.6, 0.5, 0.4])])
+    _, _, ys = track(task, seed=1, steps=15)
+    res = fb.filter("kalman", prior, ys, key=jax.random.key(0), task=task)
+    m, P = np.asarray(prior.means[0]), np.asarray(prior.cov())
+    for t, y in enumerate(ys):
+        m, P = task.F @ m, task.F @ P @ task.F.T + task.Q
+        S = task.H @ P @ task.H.T + task.R
+        K = P @ task.H.T @ np.linalg.inv(S)
+        m, P = m + K @ (y - task.H @ m), (np.eye(4) - K @ task.H) @ P
+        np.testing.assert_allclose(res[t].mean(), m, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res[t].cov(), P, rtol=1e-5, atol=1e-6)
+
+
+def test_nll_check_separates_right_and_wrong_filters():
+    """The benchmark's check (NLL of the true state against the exact filter) fails on a filter
+    with the wrong observation noise."""
+    task = fb.tasks.get("lti_tracking")
+    wrong = fb.tasks.get("lti_tracking", noise_sd=2.0)
+    gaps = []
+    for seed in range(5):
+        prior, xs, ys = track(task, seed=seed, steps=40)
+        right = fb.filter("kalman", prior, ys, key=jax.random.key(0), task=task)
+        bad = fb.filter("kalman", prior, ys, key=jax.random.key(0), task=wrong)
+        gaps.append(np.mean(-bad.log_prob(xs) + right.log_prob(xs)))
+    assert np.mean(gaps) > 0.2
+
+
+def test_reduce_components_keeps_moments_and_merges_closest():
+    g = fb.GMM([0.3, 0.3, 0.4], [[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]],
+               np.stack([np.eye(2), np.eye(2), 0.5 * np.eye(2)]))
+    r = reduce_components(g, 2)
+    assert r.n_components == 2
+    np.testing.assert_allclose(r.mean(), g.mean(), atol=1e-12)
+    np.testing.assert_allclose(r.cov(), g.cov(), atol=1e-12)
+    # the two near components merged; the far one is untouched
+    assert np.any(np.all(np.isclose(r.means, [5.0, 5.0]), 1))
+    assert np.any(np.isclose(r.weights, 0.6))
+    assert reduce_components(g, 1).n_components == 1
+    with pytest.raises(ValueError, match="positive integer"):
+        reduce_components(g, 0)
+
+
+def test_prior_with_many_components_is_merged_to_the_model_bound():
+    model = tiny_model()
+    task = model.task
+    k = task.k_max + 3
+    rng = np.random.default_rng(0)
+    prior = fb.GMM(np.full(k, 1 / k), rng.uniform(-3, 3, (k, 4)), np.stack([np.eye(4)] * k))
+    res = fb.filter(model, prior, np.zeros((3, 2)), key=jax.random.key(0))
+    assert all(p.n_components <= task.k_max for p in res)
+
+
+def test_observations_are_validated():
+    y, obs = validate_observations([[1.0, 2.0], [np.nan, np.nan]], 2)
+    assert obs.tolist() == [True, False] and np.isfinite(y).all()
+    with pytest.raises(ValueError, match=r"expected shape \(T, 2\)"):
+        validate_observations(np.zeros((3, 3)), 2)
+    with pytest.raises(ValueError, match="at least one step"):
+        validate_observations(np.zeros((0, 2)), 2)
+    with pytest.raises(ValueError, match="missing observation"):
+        validate_observations([[1.0, np.nan]], 2)
+    with pytest.raises(ValueError, match="missing observation"):
+        validate_observations([[1.0, np.inf]], 2)
+
+
+def test_filter_arguments_are_validated():
+    model = tiny_model()
+    prior, _, ys = track(model.task, steps=3)
+    with pytest.raises(TypeError, match="PRNG key"):
+        fb.filter(model, prior, ys, key=0)
+    with pytest.raises(ValueError, match="'scan' or 'step'"):
+        fb.filter(model, prior, ys, key=jax.random.key(0), method="fast")
+    with pytest.raises(ValueError, match="task"):
+        fb.filter("kalman", prior, ys, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="filter: expected one of"):
+        fb.filter("nope", prior, ys, key=jax.random.key(0), task="lti_tracking")
+    with pytest.raises(TypeError, match="amortized model or a reference filter"):
+        fb.filter(object(), prior, ys, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="dimension 4"):
+        fb.filter(model, fb.GMM([1.0], [[0.0]], [[[1.0]]]), ys, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="static task"):
+        fb.filter("grid", prior, ys, key=jax.random.key(0), task="lti_tracking")
+
+
+def test_translation_equivariance_of_the_lti_model():
+    """Shifting the prior by c and the data by H c shifts the posterior by c."""
+    model = tiny_model(perturb=0.05)
+    task = model.task
+    p = task.sample_problem(jax.random.key(4), n=1)
+    c = np.array([40.0, -25.0, 1.0, 2.0])
+    shifted = fb.GMM(p.prior.weights, np.asarray(p.prior.means) + c, p.prior.scale_tril)
+    a = model.posterior(p.prior, p.data)
+    b = model.posterior(shifted, p.data + task.H @ c)
+    np.testing.assert_allclose(np.asarray(b.means) - c, a.means, atol=2e-4)
+    np.testing.assert_allclose(b.weights, a.weights, atol=1e-5)
+
+
+def test_grid_filter_matches_importance_sampling():
+    """The grid posterior's mean agrees with self-normalised importance sampling from the prior
+    (z-test on the importance-sampling error); with a wrong likelihood it does not."""
+    task = fb.tasks.get("qubit_rabi")
+    p = task.sample_problem(jax.random.key(7), n=1)
+    ys = np.asarray(task._simulate(jax.random.key(8), jax.numpy.asarray(p.theta, "float32"),
+                                   20), np.float64)
+    res = fb.filter("grid", p.prior, ys, key=jax.random.key(0), task=task, size=200)
+    draws = np.asarray(p.prior.sample(jax.random.key(9), 200_000), np.float64)
+
+    def is_mean(data):
+        lw = task.grid_log_likelihood(draws, data)
+        w = np.exp(lw - lw.max())
+        w /= w.sum()
+        mean = w @ draws
+        se = np.sqrt(np.sum(w[:, None] ** 2 * (draws - mean) ** 2, 0))
+        return mean, se
+
+    mean, se = is_mean(ys)
+    z = np.abs(res[-1].mean() - mean) / np.sqrt(se**2 + (res[-1].steps / 4) ** 2)
+    assert np.all(z < 4), z
+    flipped = ys.copy()
+    flipped[:, 1] = 1 - flipped[:, 1]
+    m_wrong, se_wrong = is_mean(flipped)
+    z_wrong = np.abs(res[-1].mean() - m_wrong) / np.sqrt(se_wrong**2 + se**2)
+    assert np.any(z_wrong > 4), z_wrong
