@@ -187,3 +187,37 @@ def test_grid_filter_matches_importance_sampling():
     m_wrong, se_wrong = is_mean(flipped)
     z_wrong = np.abs(res[-1].mean() - m_wrong) / np.sqrt(se_wrong**2 + se**2)
     assert np.any(z_wrong > 4), z_wrong
+
+
+def test_cli_filter_runs_with_plot_json_and_missing_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from flashbayes.cli import app
+
+    model = tiny_model(perturb=0.05)
+    ckpt = model.save(tmp_path / "m.safetensors")
+    runner = CliRunner()
+    res = runner.invoke(app, ["filter", str(ckpt), "--steps", "8", "--plot",
+                              str(tmp_path / "run.png"), "--out", str(tmp_path / "run.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run.png").stat().st_size > 10_000
+    out = __import__("json").loads((tmp_path / "run.json").read_text())
+    assert set(out["filters"]) == {"model", "kalman"} and out["steps"] == 8
+    assert np.isfinite(out["filters"]["model"]["nll_per_step"])
+    # observations from a CSV, with a missing row, and a prior from JSON
+    prior, _, ys = track(model.task, steps=5)
+    (tmp_path / "prior.json").write_text(prior.to_json())
+    lines = ["x,y"] + [f"{a},{b}" for a, b in ys]
+    lines[3] = ","
+    (tmp_path / "obs.csv").write_text("\n".join(lines))
+    res = runner.invoke(app, ["filter", str(ckpt), "--observations", str(tmp_path / "obs.csv"),
+                              "--prior", str(tmp_path / "prior.json")])
+    assert res.exit_code == 0, res.output
+    assert "5 steps" in res.output
+    # bad input: one line, exit code 2
+    (tmp_path / "bad.csv").write_text("1,2\n3,nan\n")
+    res = runner.invoke(app, ["filter", str(ckpt), "--observations", str(tmp_path / "bad.csv"),
+                              "--prior", str(tmp_path / "prior.json")])
+    assert res.exit_code == 2 and "partly filled row" in res.output
+    res = runner.invoke(app, ["filter", str(ckpt), "--baseline", "nope"])
+    assert res.exit_code == 2 and "--baseline" in res.output

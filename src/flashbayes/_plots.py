@@ -42,3 +42,58 @@ def plot_prior_posterior(prior, posterior, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_filter(task, runs: dict, ys: np.ndarray, truth: np.ndarray | None,
+                path: str | Path) -> Path:
+    """A filtering run: for tracking tasks the x-y track (truth, observations, each filter's
+    mean) and each filter's position sd over time; for static tasks each parameter's
+    posterior mean +- 2 sd over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path).resolve()
+    steps = np.arange(1, len(ys) + 1)
+    colours = plt.get_cmap("tab10")
+    if getattr(task, "dynamic", False):
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+        if truth is not None:
+            ax.plot(truth[:, 0], truth[:, 1], "k-", lw=2, label="true track")
+        if hasattr(task, "H"):
+            ax.plot(ys[:, 0], ys[:, 1], ".", color="grey", ms=4, label="observations")
+        for i, (name, (res, _)) in enumerate(runs.items()):
+            m = res.means
+            ax.plot(m[:, 0], m[:, 1], "-", color=colours(i), lw=1.2, label=f"{name} mean")
+            sd = np.array([np.sqrt(np.diag(np.asarray(p.cov()))[:2].mean()) for p in res])
+            ax2.plot(steps, sd, "-", color=colours(i), label=name)
+        ax.set_xlabel("x position")
+        ax.set_ylabel("y position")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.legend(fontsize=8)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("posterior position sd")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+    else:
+        d = task.theta_dim
+        fig, axes = plt.subplots(1, d, figsize=(6 * d, 4.5), squeeze=False)
+        labels = getattr(task, "param_names", [f"theta_{j + 1}" for j in range(d)])
+        for j, ax in enumerate(axes[0]):
+            for i, (name, (res, _)) in enumerate(runs.items()):
+                m = res.means[:, j]
+                sd = np.array([np.sqrt(np.asarray(p.cov())[j, j]) for p in res])
+                ax.plot(steps, m, "-", color=colours(i), label=name)
+                ax.fill_between(steps, m - 2 * sd, m + 2 * sd, color=colours(i), alpha=0.15)
+            if truth is not None:
+                ax.axhline(truth[0, j], color="k", ls="--", lw=1, label="truth")
+            ax.set_xlabel("observations")
+            ax.set_ylabel(labels[j])
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{task.name}: posterior mean ± 2 sd" if not getattr(task, "dynamic", False)
+                 else f"{task.name}: filtered track")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

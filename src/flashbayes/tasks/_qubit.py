@@ -49,6 +49,7 @@ class QubitRabi(Task):
     """
 
     description = "driven qubit: (omega, T2) from single-shot outcomes (grid reference)"
+    param_names = ("omega", "T2")
     has_exact = False
     dynamic = False
 
