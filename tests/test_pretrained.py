@@ -17,7 +17,8 @@ FRESH_SEED = 987_654  # not used in training nor in the benchmarks
 def test_shipped_model_loads_and_answers(name):
     model = fb.load_pretrained(name)
     assert model.task.name == name
-    prob = model.task.sample_problem(jax.random.key(0), n=model.task.n_min + 3)
+    prob = model.task.sample_problem(jax.random.key(0), n=min(model.task.n_min + 3,
+                                                             model.task.n_max))
     post = model.posterior(prob.prior, prob.data)
     GMM(weights=np.asarray(post.weights, np.float64), means=post.means,
         scale_tril=post.scale_tril)  # passes full validation

@@ -6,7 +6,6 @@ from scipy import integrate, stats
 import flashbayes as fb
 from flashbayes.tasks import LogInverseGamma
 
-
 SMALL_BANK = {"lti_tracking": {"bank_size": 512}}
 
 

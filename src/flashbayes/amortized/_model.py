@@ -297,7 +297,7 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
     return AmortizedPosterior(network, task_obj, meta=meta)
 
 
-PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression")
+PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking")
 
 
 def pretrained_path(name: str) -> Path:
