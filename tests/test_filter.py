@@ -241,3 +241,23 @@ def test_shipped_lti_model_tracks_like_the_exact_filter_and_wrong_filter_fails()
                                   .log_prob(xs) - exact))
     assert abs(np.mean(gaps)) < 0.1, gaps
     assert np.mean(gaps_blind) > 0.1, gaps_blind
+
+
+def test_static_task_window_paths_agree_and_roll_over():
+    """A static task conditions its anchor prior on all outcomes so far; past the window the
+    posterior becomes the new anchor. Scan, step and stream agree on 120 outcomes (> 2 windows),
+    and an untrained network returns the prior throughout."""
+    model = tiny_model("qubit_rabi", perturb=0.05)
+    task = model.task
+    p = task.sample_problem(jax.random.key(5), n=1)
+    ys = np.asarray(task._simulate(jax.random.key(6), jax.numpy.asarray(p.theta, "float32"),
+                                   120), np.float64)
+    ys[7] = np.nan  # a missing outcome
+    a = fb.filter(model, p.prior, ys, key=jax.random.key(0))
+    b = fb.filter(model, p.prior, ys, key=jax.random.key(0), method="step")
+    for t in (0, 7, 49, 50, 51, 119):
+        np.testing.assert_allclose(a[t].means, b[t].means, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[7].means, a[6].means, atol=1e-6)  # nothing new at step 8
+    assert np.abs(a[119].means - a[0].means).max() > 1e-3
+    blind = fb.filter(tiny_model("qubit_rabi"), p.prior, ys, key=jax.random.key(0))
+    np.testing.assert_allclose(blind[119].means, p.prior.means, atol=1e-5)

@@ -103,9 +103,17 @@ class AmortizedFilter:
     """The compiled update steps of an amortized model: one step for one stream, a scan for a
     whole sequence, and a batched step for many streams at once.
 
-    State is a padded mixture (weights (K,), means (K, d), scale_tril (K, d, d), mask (K,))
-    with K = the task's component count; the network maps K components to K components, so the
-    mixture never grows; components whose weight falls under `PRUNE_BELOW` are masked out.
+    The state starts with the current posterior as a padded mixture (weights (K,), means (K, d),
+    scale_tril (K, d, d), mask (K,)), K = the task's component count; the network maps K
+    components to K components, so the mixture never grows, and components whose weight falls
+    under `PRUNE_BELOW` are masked out.
+
+    Tasks whose state moves (`task.dynamic`) update with one observation at a time: the
+    posterior, moved by the transition, is the next prior. For static tasks trained on data sets
+    of up to n_max rows, the model conditions its *anchor* prior on all observations since the
+    anchor in one pass (`window` = n_max), which avoids compounding the error of many small
+    updates; when the window is full, the current posterior becomes the new anchor. Their state
+    appends (anchor weights, means, scale_tril, mask, buffer (rows, p), count).
     """
 
     def __init__(self, model):
@@ -116,29 +124,45 @@ class AmortizedFilter:
         self.model = model
         self.task = task
         self.k = task.k_max
-        self.rows = size_bucket(1)
-        core = model.core
         dynamic = getattr(task, "dynamic", False)
+        self.window = 1 if dynamic else task.n_max
+        self.rows = size_bucket(self.window)
+        core = model.core
+        window = self.window
 
-        def step(state, obs):
-            w, m, s, cm = state
-            y, observed = obs
-            if dynamic:
-                w, m, s = task.transition_arrays(w, m, s)
-            data = jnp.zeros((self.rows, y.shape[0]), y.dtype).at[0].set(y)
-            dmask = (jnp.arange(self.rows) == 0) & observed
-            pw, pm, ps = core(w, m, s, cm, data, dmask)
+        def prune(pw, pm, ps, cm):
             keep = cm & ((pw >= PRUNE_BELOW) | (pw == jnp.max(jnp.where(cm, pw, -1.0))))
             pw = jnp.where(keep, pw, 0.0)
             pw = pw / jnp.sum(pw)
             ps = jnp.where(keep[:, None, None], ps, jnp.eye(ps.shape[-1], dtype=ps.dtype))
-            pm = jnp.where(keep[:, None], pm, 0.0)
-            new = (pw, pm, ps, keep)
-            return new, new
+            return pw, jnp.where(keep[:, None], pm, 0.0), ps, keep
+
+        def step(state, obs):
+            y, observed = obs
+            if window == 1:
+                w, m, s, cm = state
+                if dynamic:
+                    w, m, s = task.transition_arrays(w, m, s)
+                data = jnp.zeros((self.rows, y.shape[0]), y.dtype).at[0].set(y)
+                dmask = (jnp.arange(self.rows) == 0) & observed
+                new = prune(*core(w, m, s, cm, data, dmask), cm)
+                return new, new
+            post, anchor, buf, cnt = state[:4], state[4:8], state[8], state[9]
+            full = cnt >= window  # the posterior so far becomes the anchor
+            anchor = tuple(jnp.where(full, a, b) for a, b in zip(post, anchor))
+            buf = jnp.where(full, 0.0, buf)
+            cnt = jnp.where(full, 0, cnt)
+            buf = jnp.where(observed, buf.at[cnt].set(y), buf)
+            cnt = cnt + observed.astype(cnt.dtype)
+            dmask = jnp.arange(self.rows) < cnt
+            aw, am, as_, acm = anchor
+            new_post = prune(*core(aw, am, as_, acm, buf, dmask), acm)
+            new = (*new_post, *anchor, buf, cnt)
+            return new, new_post
 
         self._step = jax.jit(step)
         self._batched = jax.jit(jax.vmap(step))
-        self._scan = jax.jit(lambda state, ys, obs: jax.lax.scan(step, state, (ys, obs)))
+        self._scan = jax.jit(lambda state, ys, obs: jax.lax.scan(step, state, (ys, obs))[1])
 
     # -- conversions ------------------------------------------------------------------------
     def initial_state(self, prior: GMM):
@@ -146,11 +170,15 @@ class AmortizedFilter:
         prior = self.model._check_prior(prior)
         if prior.n_components > self.k:
             prior = reduce_components(prior, self.k)
-        return tuple(jnp.asarray(a) for a in pad_prior(prior, self.k))
+        mix = tuple(jnp.asarray(a) for a in pad_prior(prior, self.k))
+        if self.window == 1:
+            return mix
+        buf = jnp.zeros((self.rows, self.task.data_dim), jnp.float32)
+        return (*mix, *mix, buf, jnp.asarray(0, jnp.int32))
 
     @staticmethod
     def to_gmm(state) -> GMM:
-        w, m, s, cm = (np.asarray(a) for a in state)
+        w, m, s, cm = (np.asarray(a) for a in state[:4])
         keep = cm.astype(bool)
         return GMM.unchecked(w[keep].astype(np.float64), m[keep].astype(np.float64),
                              s[keep].astype(np.float64))
@@ -167,9 +195,8 @@ class AmortizedFilter:
         return new
 
     def run(self, state, ys: np.ndarray, observed: np.ndarray):
-        """All steps in one compiled scan; returns the stacked states (T, ...)."""
-        _, states = self._scan(state, jnp.asarray(ys, jnp.float32), jnp.asarray(observed, bool))
-        return states
+        """All steps in one compiled scan; returns the stacked posteriors (T, ...)."""
+        return self._scan(state, jnp.asarray(ys, jnp.float32), jnp.asarray(observed, bool))
 
 
 def _filter_of(model) -> AmortizedFilter:

@@ -37,7 +37,9 @@ class QubitRabi(Task):
     Priors: K = 1..5 components; means omega ~ U[omega_range], T2 ~ U[t2_range]; per-axis
     scales LogUniform between `scale_range` times the range's width (a wide span, so that the
     narrow posteriors met late in a sequence are inside the training family); random
-    correlations. Measurement times t ~ U[0, t_max]. One update uses 0 or 1 outcome.
+        correlations. Measurement times t ~ U[0, t_max]. One problem holds 0..n_max outcomes: the
+    filter conditions the prior on all outcomes so far in one pass (up to n_max of them; see
+    docs/filtering.md), rather than feeding back after every outcome.
 
     Example:
         >>> import jax
@@ -56,8 +58,7 @@ class QubitRabi(Task):
     def __init__(self, *, omega_range: tuple[float, float] = (0.5, 3.0),
                  t2_range: tuple[float, float] = (2.0, 10.0),
                  scale_range: tuple[float, float] = (0.005, 0.3), t_max: float = 10.0,
-                 n_min: int = 0, n_max: int = 1, k_min: int = 1, k_max: int = 5,
-                 empty_fraction: float = 0.05):
+                 n_min: int = 0, n_max: int = 50, k_min: int = 1, k_max: int = 5):
         self.theta_dim, self.data_dim = 2, 2
         self.omega_range = tuple(float(v) for v in omega_range)
         self.t2_range = tuple(float(v) for v in t2_range)
@@ -67,15 +68,11 @@ class QubitRabi(Task):
             raise ValueError(f"t_max: expected > 0; got {t_max}")
         self.n_min, self.n_max = int(n_min), int(n_max)
         self.k_min, self.k_max = int(k_min), int(k_max)
-        self.empty_fraction = float(empty_fraction)
         lo = np.array([self.omega_range[0], self.t2_range[0]])
         width = np.array([self.omega_range[1] - self.omega_range[0],
                           self.t2_range[1] - self.t2_range[0]])
         self._lo = jnp.asarray(lo, jnp.float32)
         self._width = jnp.asarray(width, jnp.float32)
-
-    def _sample_n(self, key):
-        return jnp.where(jax.random.uniform(key) < self.empty_fraction, self.n_min, self.n_max)
 
     def _sample_prior(self, key, state):
         # the shared family on the unit square, mapped to the parameter box per axis
