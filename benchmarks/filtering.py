@@ -189,7 +189,10 @@ def main() -> None:
     res = {}
     if args.only in (None, "lti"):
         res["lti"] = lti(_load(args.lti, "lti_tracking"), args.tracks)
-    if args.only in (None, "qubit"):
+    from flashbayes.amortized import PRETRAINED
+
+    # the qubit part needs a trained model: a checkpoint, or the shipped one once it exists
+    if args.only == "qubit" or (args.only is None and (args.qubit or "qubit_rabi" in PRETRAINED)):
         res["qubit"] = qubit(_load(args.qubit, "qubit_rabi"), args.sequences,
                              args.nuts_sequences)
     md = markdown(res)
