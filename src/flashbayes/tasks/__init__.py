@@ -7,7 +7,14 @@ Example:
 """
 
 # registration
-from flashbayes.tasks import _linear, _logistic, _qubit, _tracking, _variance  # noqa: F401
+from flashbayes.tasks import (  # noqa: F401
+    _linear,
+    _logistic,
+    _nonlinear,
+    _qubit,
+    _tracking,
+    _variance,
+)
 from flashbayes.tasks._base import Batch, Problem, Task, get, names, register, task_params
 from flashbayes.tasks._linear import gaussian_sum_update
 from flashbayes.tasks._variance import LogInverseGamma
