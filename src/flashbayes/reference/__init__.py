@@ -6,6 +6,7 @@ A target is what to sample: `NumPyroTarget(model, data)`, `TaskTarget(task, prio
 `LogDensityTarget(fn, dim=...)`. Most users call `fb.infer(..., method=name)` instead.
 """
 
+from flashbayes.reference import _nonlinear_filters  # noqa: F401  (registration)
 from flashbayes.reference._base import (
     ConvergenceWarning,
     SampleSet,
