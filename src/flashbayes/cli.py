@@ -477,6 +477,81 @@ def check(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pre
     raise typer.Exit(code=0 if report.calibrated else 1)
 
 
+@app.command()
+@_user_errors
+def serve(checkpoint: Annotated[str, typer.Argument(
+              help="checkpoint file, training folder or shipped model name (lti_tracking)")],
+          host: Annotated[str, typer.Option(
+              help="address to listen on; anything but localhost needs a token")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+          db: Annotated[Path, typer.Option(
+              help="SQLite file of the streams (created if missing, reloaded on restart)")]
+          = Path("flashbayes-state.sqlite"),
+          token: Annotated[str | None, typer.Option(
+              envvar="FLASHBAYES_TOKEN", show_default=False,
+              help="bearer token every request must carry (prefer the environment variable)")]
+          = None,
+          max_batch: Annotated[int, typer.Option(
+              help="most streams per batched forward pass; 1 switches batching off")] = 64,
+          batch_window_ms: Annotated[float, typer.Option(
+              help="how long an update waits for others to join its batch")] = 2.0,
+          max_streams: Annotated[int, typer.Option(help="streams per server")] = 10_000,
+          max_observations: Annotated[int, typer.Option(
+              help="observation rows per request")] = 1000,
+          max_body_bytes: Annotated[int, typer.Option(help="request body size")] = 1 << 20,
+          sync: Annotated[str, typer.Option(
+              help="SQLite synchronous mode: full (commits survive a power cut) or normal "
+                   "(commits survive a killed server)")] = "full",
+          warmup: Annotated[bool, typer.Option(
+              help="compile every batch size before accepting requests")] = True,
+          log_level: Annotated[str, typer.Option(
+              help="uvicorn log level (critical, error, warning, info, debug)")] = "info",
+          access_log: Annotated[bool, typer.Option(help="log every request")] = False):
+    """Real-time posterior service: streams of observations filtered by the model (HTTP API,
+    docs at /docs). Every acknowledged update is committed to --db first."""
+    import uvicorn
+
+    from flashbayes.serve import ServeConfig, StoreError, check_bind, create_app
+
+    try:
+        check_bind(host, token)
+        config = ServeConfig(max_batch=max_batch, batch_window_ms=batch_window_ms,
+                             max_streams=max_streams, max_observations=max_observations,
+                             max_body_bytes=max_body_bytes, synchronous=sync, token=token or None,
+                             warmup=warmup)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port: expected 0..65535; got {port}")
+    levels = ("critical", "error", "warning", "info", "debug")
+    if log_level not in levels:
+        raise UsageError(f"--log-level: expected one of {', '.join(levels)}; got {log_level!r}")
+    _check_out_folder("--db", db)
+    model = _load_model(checkpoint)
+    try:
+        api = create_app(model, db=db, config=config)
+    except (StoreError, ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    n = len(api.state.table)
+    err_console.print(f"serving {model.task.name} ({checkpoint}) on http://{host}:{port} "
+                      f"(API docs at /docs); {n} stream{'s' if n != 1 else ''} in {db}; "
+                      f"batches of up to {max_batch}", highlight=False, soft_wrap=True)
+    uvicorn.run(api, host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+def _register_filter_command() -> None:
+    from flashbayes._filter_cli import register
+
+    register(app, load_model=_load_model, read_prior=_read_prior,
+             read_csv=lambda p, w, allow_nan: _read_csv(p, w, option="--observations",
+                                                        allow_nan=allow_nan),
+             check_out=_check_out_folder, user_errors=_user_errors, usage_error=UsageError,
+             console=console, fmt_seconds=_fmt_seconds)
+
+
+_register_filter_command()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
