@@ -101,34 +101,45 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _read_csv(path: Path, width: int):
+def _read_csv(path: Path, width: int, *, option: str = "--data", allow_nan: bool = False):
+    """Rows of `width` numbers (an optional header row); with `allow_nan`, a row of NaN (or
+    empty cells) marks a missing observation."""
     import numpy as np
 
     if not path.is_file():
-        raise UsageError(f"--data: expected a CSV file; got {path} (no such file)")
+        raise UsageError(f"{option}: expected a CSV file; got {path} (no such file)")
     try:
         text = path.read_text()
     except UnicodeDecodeError as exc:
-        raise UsageError(f"--data {path}: expected a text CSV file; got undecodable bytes") \
+        raise UsageError(f"{option} {path}: expected a text CSV file; got undecodable bytes") \
             from exc
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     rows = []
     for i, line in enumerate(lines):
         cells = [c.strip() for c in line.split(",")]
+        if allow_nan and i > 0 and all(c == "" for c in cells):
+            cells = ["nan"] * len(cells)
         try:
             values = [float(c) for c in cells]
         except ValueError:
             if i == 0 and not any(_is_number(c) for c in cells):  # a header row
                 continue
-            raise UsageError(f"--data {path}: expected numbers on line {i + 1}; got "
+            raise UsageError(f"{option} {path}: expected numbers on line {i + 1}; got "
                              f"{line[:60]!r}") from None
         if len(values) != width:
-            raise UsageError(f"--data {path}: expected {width} columns per row; got "
+            raise UsageError(f"{option} {path}: expected {width} columns per row; got "
                              f"{len(values)} on line {i + 1}")
         rows.append(values)
     x = np.asarray(rows, dtype=np.float64).reshape(-1, width)
-    if not np.all(np.isfinite(x)):
-        raise UsageError(f"--data {path}: expected finite numbers; got NaN or inf")
+    if allow_nan and x.shape[0] == 0:
+        raise UsageError(f"{option} {path}: expected at least one row of numbers; got none")
+    if allow_nan:
+        missing = np.isnan(x).all(1)
+        if not np.all(np.isfinite(x[~missing])):
+            raise UsageError(f"{option} {path}: expected finite numbers or a whole row of NaN "
+                             "(missing); got NaN or inf in a partly filled row")
+    elif not np.all(np.isfinite(x)):
+        raise UsageError(f"{option} {path}: expected finite numbers; got NaN or inf")
     return x
 
 
