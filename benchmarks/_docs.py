@@ -27,6 +27,12 @@ SECTIONS = [
     ("filtering.md", "Sequential inference",
      "From `python benchmarks/filtering.py` (`benchmarks/results/filtering.json`); see "
      "docs/filtering.md for the models and the references."),
+    ("filtering_nonlinear.md", "Nonlinear tracking (model not shipped)",
+     "From `python benchmarks/filtering_nonlinear.py --model CHECKPOINT` "
+     "(`benchmarks/results/filtering_nonlinear.json`); see docs/nonlinear_tracking.md."),
+    ("serve_load.md", "The posterior service under load",
+     "From `python benchmarks/serve_load.py` (`benchmarks/results/serve_load.json`); see "
+     "docs/service.md."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "
      "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "
