@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashbayes.tasks._base import Task, random_rotation, register, sample_gmm_family
+from flashbayes.tasks._base import Task, register
 from flashbayes.tasks._tracking import _DynamicMixin, predict_components
 
 # -- measurement --------------------------------------------------------------------------------
@@ -233,16 +233,6 @@ class NonlinearTracking(_DynamicMixin, Task):
                              f"{filter_steps}, {bank_tracks}")
 
     # -- training distribution -------------------------------------------------------------------
-    def _sample_n(self, key):
-        # mostly one observation per update: an update with none is the identity
-        return jnp.where(jax.random.uniform(key) < self.empty_fraction, self.n_min, self.n_max)
-
-    def _family(self, key):
-        return sample_gmm_family(
-            key, d=4, k_min=self.k_min, k_max=self.k_max, mean_low=self.mean_range[0],
-            mean_high=self.mean_range[1], scale_low=self.scale_range[0],
-            scale_high=self.scale_range[1])
-
     def _filtered_track(self, key):
         """The predicted distributions of x_{j+1} after j = 1..filter_steps Gaussian-sum UKF
         updates on one simulated track started from a family prior ((T, K, ...) arrays)."""
@@ -270,9 +260,8 @@ class NonlinearTracking(_DynamicMixin, Task):
         """A bank of `bank_tracks` x `filter_steps` filtered priors: every predicted prior of
         `bank_tracks` simulated tracks (built once per key and cached). Entries whose float32
         filter run turned non-finite are replaced by finite ones."""
-        tag = tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
-        cache = self.__dict__.setdefault("_banks", {})
-        if tag not in cache:
+
+        def build():
             chunk = min(256, self.bank_tracks)
             make = jax.jit(jax.vmap(self._filtered_track))
             chunks = [make(jax.random.split(k, chunk))
@@ -286,32 +275,9 @@ class NonlinearTracking(_DynamicMixin, Task):
                 raise RuntimeError("prepare: every filtered prior of the bank is non-finite")
             good = np.flatnonzero(ok)
             idx = np.where(ok, np.arange(ok.size), good[np.arange(ok.size) % good.size])
-            cache[tag] = tuple(jnp.asarray(a[idx]) for a in bank)
-        return cache[tag]
+            return tuple(jnp.asarray(a[idx]) for a in bank)
 
-    def problem_state(self, key):
-        # a user's problem: a prior over the initial state, from the family alone
-        return None
-
-    def _sample_prior(self, key, state):
-        kf, kb, ku, kr = jax.random.split(key, 4)
-        fam = self._family(kf)
-        if state is not None:
-            i = jax.random.randint(kb, (), 0, state[0].shape[0])
-            w_b, m_b, s_b, c_b = (a[i] for a in state)
-            # rotations and reflections about the sensor leave the model invariant (Q is
-            # isotropic, the bearing shifts or flips sign): positions and velocities turn alike
-            rot = jnp.kron(jnp.eye(2), random_rotation(kr, 2))
-            pick = jax.random.uniform(ku) < self.filtered_fraction
-            rotated = (w_b, m_b @ rot.T, jnp.linalg.cholesky(
-                rot @ s_b @ jnp.swapaxes(s_b, -1, -2) @ rot.T), c_b)
-            fam = tuple(jnp.where(pick, a, b) for a, b in zip(rotated, fam))
-        w, m, s, cmask = fam
-        s = jnp.where(cmask[:, None, None], s, jnp.eye(4))
-        w = jnp.where(cmask, w, 0.0)
-        w = w / jnp.sum(w)
-        m = jnp.where(cmask[:, None], m, 0.0)
-        return w, m, s, cmask, None
+        return self._cached_bank(key, build)
 
     # -- likelihood ------------------------------------------------------------------------------
     def _simulate(self, key, theta, n):

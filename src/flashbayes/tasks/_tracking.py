@@ -93,6 +93,55 @@ class _DynamicMixin:
                                    jax.random.split(key, steps))
         return xs, ys
 
+    # -- training distribution shared by the tracking tasks -----------------------------------
+    # (subclasses set k_min, k_max, mean_range, scale_range, empty_fraction, filtered_fraction
+    # and build their bank of filtered priors in `prepare`)
+
+    def _sample_n(self, key):
+        # mostly one observation per update: an update with none is the identity
+        return jnp.where(jax.random.uniform(key) < self.empty_fraction, self.n_min, self.n_max)
+
+    def _family(self, key):
+        return sample_gmm_family(
+            key, d=4, k_min=self.k_min, k_max=self.k_max, mean_low=self.mean_range[0],
+            mean_high=self.mean_range[1], scale_low=self.scale_range[0],
+            scale_high=self.scale_range[1])
+
+    def _cached_bank(self, key, build):
+        """`build()`'s bank of filtered priors, built once per key and kept on the task."""
+        tag = tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        cache = self.__dict__.setdefault("_banks", {})
+        if tag not in cache:
+            cache[tag] = build()
+        return cache[tag]
+
+    def problem_state(self, key):
+        # a user's problem: a prior over the initial state, from the family alone
+        return None
+
+    def _sample_prior(self, key, state):
+        kf, kb, ku, kr = jax.random.split(key, 4)
+        fam = self._family(kf)
+        if state is not None:
+            i = jax.random.randint(kb, (), 0, state[0].shape[0])
+            w_b, m_b, s_b, c_b = (a[i] for a in state)
+            # the tracking models are invariant under orthogonal maps of the plane (rotations
+            # and reflections; about the sensor for range and bearing) applied to positions and
+            # velocities alike: a random one makes each banked prior many
+            rot = jnp.kron(jnp.eye(2), random_rotation(kr, 2))
+            pick = jax.random.uniform(ku) < self.filtered_fraction
+            rotated = (w_b, m_b @ rot.T, jnp.linalg.cholesky(
+                rot @ s_b @ jnp.swapaxes(s_b, -1, -2) @ rot.T), c_b)
+            fam = tuple(jnp.where(pick, a, b) for a, b in zip(rotated, fam))
+        w, m, s, cmask = fam
+        s = jnp.where(cmask[:, None, None], s, jnp.eye(4))
+        w = jnp.where(cmask, w, 0.0)
+        w = w / jnp.sum(w)
+        if getattr(self, "translation_equivariant", False):
+            m = m - jnp.sum(w[:, None] * m, 0)  # zero mean: see translation_equivariant
+        m = jnp.where(cmask[:, None], m, 0.0)
+        return w, m, s, cmask, None
+
     def _init_dynamics(self, dt: float, accel_sd: float):
         self.dt, self.accel_sd = float(dt), float(accel_sd)
         if not self.dt > 0 or not self.accel_sd > 0:
@@ -150,16 +199,6 @@ class LTITracking(_DynamicMixin, Task):
         self.bank_size = int(bank_size)
 
     # -- training distribution ---------------------------------------------------------------
-    def _sample_n(self, key):
-        # mostly one observation per update: an update with none is the identity
-        return jnp.where(jax.random.uniform(key) < self.empty_fraction, self.n_min, self.n_max)
-
-    def _family(self, key):
-        return sample_gmm_family(
-            key, d=4, k_min=self.k_min, k_max=self.k_max, mean_low=self.mean_range[0],
-            mean_high=self.mean_range[1], scale_low=self.scale_range[0],
-            scale_high=self.scale_range[1])
-
     def _filtered_prior(self, key):
         """The exact predicted distribution of x_{j+1} after j = 1..filter_steps updates of a
         simulated track started from a family prior."""
@@ -183,40 +222,14 @@ class LTITracking(_DynamicMixin, Task):
 
     def prepare(self, key):
         """A bank of `bank_size` filtered priors (built once per key and cached)."""
-        tag = tuple(np.asarray(jax.random.key_data(key)).ravel().tolist())
-        cache = self.__dict__.setdefault("_banks", {})
-        if tag not in cache:
+
+        def build():
             make = jax.jit(jax.vmap(self._filtered_prior))
             chunks = [make(jax.random.split(k, 512))
                       for k in jax.random.split(key, max(1, self.bank_size // 512))]
-            cache[tag] = tuple(jnp.concatenate(parts) for parts in zip(*chunks))
-        return cache[tag]
+            return tuple(jnp.concatenate(parts) for parts in zip(*chunks))
 
-    def problem_state(self, key):
-        # a user's problem: a prior over the initial state, from the family alone
-        return None
-
-    def _sample_prior(self, key, state):
-        kf, kb, ku, kr = jax.random.split(key, 4)
-        fam = self._family(kf)
-        if state is not None:
-            i = jax.random.randint(kb, (), 0, state[0].shape[0])
-            w_b, m_b, s_b, c_b = (a[i] for a in state)
-            # the model is invariant under planar rotations and reflections (H, Q, R are
-            # isotropic): a random orthogonal map of the plane, applied to positions and
-            # velocities alike, makes each banked prior many
-            rot = jnp.kron(jnp.eye(2), random_rotation(kr, 2))
-            pick = jax.random.uniform(ku) < self.filtered_fraction
-            rotated = (w_b, m_b @ rot.T, jnp.linalg.cholesky(
-                rot @ s_b @ jnp.swapaxes(s_b, -1, -2) @ rot.T), c_b)
-            fam = tuple(jnp.where(pick, a, b) for a, b in zip(rotated, fam))
-        w, m, s, cmask = fam
-        s = jnp.where(cmask[:, None, None], s, jnp.eye(4))
-        w = jnp.where(cmask, w, 0.0)
-        w = w / jnp.sum(w)
-        m = m - jnp.sum(w[:, None] * m, 0)  # zero mean: see translation_equivariant
-        m = jnp.where(cmask[:, None], m, 0.0)
-        return w, m, s, cmask, None
+        return self._cached_bank(key, build)
 
     def _simulate(self, key, theta, n):
         eps = jax.random.normal(key, (n, 2)) * self.noise_sd
