@@ -8,6 +8,7 @@ Example:
 
 # registration
 from flashbayes.tasks import (  # noqa: F401
+    _gp,
     _linear,
     _logistic,
     _nonlinear,
@@ -16,8 +17,18 @@ from flashbayes.tasks import (  # noqa: F401
     _variance,
 )
 from flashbayes.tasks._base import Batch, Problem, Task, get, names, register, task_params
+from flashbayes.tasks._gp import GPHyperprior
 from flashbayes.tasks._linear import gaussian_sum_update
+from flashbayes.tasks._predictive import (
+    PredictiveBatch,
+    PredictiveProblem,
+    PredictiveTask,
+    get_predictive,
+    predictive_names,
+    register_predictive,
+)
 from flashbayes.tasks._variance import LogInverseGamma
 
-__all__ = ["Batch", "LogInverseGamma", "Problem", "Task", "gaussian_sum_update", "get", "names",
-           "register", "task_params"]
+__all__ = ["Batch", "GPHyperprior", "LogInverseGamma", "PredictiveBatch", "PredictiveProblem",
+           "PredictiveTask", "Problem", "Task", "gaussian_sum_update", "get", "get_predictive",
+           "names", "predictive_names", "register", "register_predictive", "task_params"]
