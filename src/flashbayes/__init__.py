@@ -6,7 +6,7 @@ Example:
     True
 """
 
-from flashbayes import diagnostics, tasks
+from flashbayes import diagnostics, sbi, tasks
 from flashbayes._filter import FilterResult, Stream, filter
 from flashbayes._infer import infer
 from flashbayes.amortized import (
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = ["GMM", "AmortizedPosterior", "CheckpointError", "DTConfig", "DistributionTransformer",
            "FilterResult", "Stream", "TrainConfig", "TrainEvent", "diagnostics", "filter",
            "fit_gmm", "infer", "load",
-           "load_pretrained", "reference", "tasks", "train", "__version__"]
+           "load_pretrained", "reference", "sbi", "tasks", "train", "__version__"]
 
 
 def __getattr__(name: str):

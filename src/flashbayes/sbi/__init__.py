@@ -1,0 +1,20 @@
+"""Simulation-based inference: simulation budgets kept on disk, run in parallel or on a cluster.
+
+`simulate` draws theta from a prior and runs a simulator on each draw, in chunks, on the
+backend asked for (vmapped JAX, worker processes, or Dask distributed), streaming every finished
+chunk to disk so that an interrupted run continues where it stopped. `load_simulations` reads
+the file back.
+
+Example:
+    >>> import numpy as np, numpyro.distributions as dist
+    >>> from flashbayes import sbi
+    >>> sims = sbi.simulate(dist.Uniform(0.0, 1.0), lambda th, rng: th + rng.normal(), 20,
+    ...                     seed=0, workers=1)
+    >>> sims.theta.shape, sims.x.shape, sims.failures["exception"]
+    ((20, 1), (20, 1), 0)
+"""
+
+from flashbayes.sbi._backends import ChunkFailed
+from flashbayes.sbi._simulate import SimulationEvent, Simulations, load_simulations, simulate
+
+__all__ = ["ChunkFailed", "SimulationEvent", "Simulations", "load_simulations", "simulate"]
