@@ -10,16 +10,25 @@ from flashbayes.amortized._model import (
     load,
     load_pretrained,
 )
+from flashbayes.amortized._parallel import (
+    DistributedError,
+    ProcessGroup,
+    data_mesh,
+    initialize_distributed,
+    request_cpu_devices,
+)
 from flashbayes.amortized._train import (
     TrainConfig,
     TrainEvent,
     TrainingError,
     batch_loss,
+    fit_network,
     latest_checkpoint,
     train,
 )
 
 __all__ = ["FORMAT_VERSION", "PRETRAINED", "AmortizedPosterior", "CheckpointError", "DTConfig",
-           "DistributionTransformer", "OutOfRangeWarning", "TrainConfig", "TrainEvent",
-           "TrainingError", "batch_loss", "latest_checkpoint", "load", "load_pretrained",
-           "size_bucket", "train"]
+           "DistributedError", "DistributionTransformer", "OutOfRangeWarning", "ProcessGroup",
+           "TrainConfig", "TrainEvent", "TrainingError", "batch_loss", "data_mesh", "fit_network",
+           "initialize_distributed", "latest_checkpoint", "load", "load_pretrained",
+           "request_cpu_devices", "size_bucket", "train"]
