@@ -1,0 +1,190 @@
+"""A prior-data fitted network (PFN): (context points, query inputs) -> predictive density of y*
+at every query, in one forward pass, as a bar (Riemann) distribution.
+
+Context tokens embed (x, y); query tokens embed x only. In every layer all tokens attend to the
+context tokens (plus one learned null token) and to nothing else, so context points are an
+unordered set and query points are answered independently of each other. Unbatched core; batch
+with `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float
+
+from flashbayes.amortized._dt import ConfigDict
+from flashbayes.distributions._bar import BarDistribution
+
+
+@dataclasses.dataclass(frozen=True)
+class PFNConfig(ConfigDict):
+    """Architecture of a PFN.
+
+    Attributes:
+        x_dim: D, dimension of the inputs.
+        borders: the K + 1 bucket borders of the output bar distribution (a tuple of floats).
+        d_model: token width.
+        n_layers: attention + MLP blocks.
+        n_heads: attention heads.
+        mlp_ratio: hidden width of the MLPs as a multiple of d_model.
+        x_low, x_high: the input box the network is trained on; inputs are mapped to [-1, 1].
+    """
+
+    x_dim: int
+    borders: tuple[float, ...]
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 2
+    x_low: float = 0.0
+    x_high: float = 1.0
+
+    _what = "PFN config"
+
+    def __post_init__(self):
+        object.__setattr__(self, "borders", tuple(float(b) for b in self.borders))
+        b = np.asarray(self.borders)
+        if b.ndim != 1 or b.size < 4 or not np.all(np.diff(b) > 0):
+            raise ValueError(f"borders: expected at least 4 increasing values; got {b.size} "
+                             f"values")
+        for name in ("x_dim", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer; got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got "
+                             f"{self.d_model}")
+        if not self.x_high > self.x_low:
+            raise ValueError(f"x_low, x_high: expected x_low < x_high; got {self.x_low}, "
+                             f"{self.x_high}")
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.borders) - 1
+
+    def y_location_scale(self) -> tuple[float, float]:
+        """Median and a robust standard deviation of y implied by the borders (which are prior
+        quantiles): used to standardise the context values fed to the network."""
+        b = np.asarray(self.borders)
+        k = self.n_buckets
+        return float(b[k // 2]), float((b[(3 * k) // 4] - b[k // 4]) / 1.349)
+
+
+class _MLP(eqx.Module):
+    layers: list
+
+    def __init__(self, sizes: list[int], *, key: Array):
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.gelu(layer(x))
+        return self.layers[-1](x)
+
+
+class _Block(eqx.Module):
+    ln_q: eqx.nn.LayerNorm
+    ln_kv: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    ln_mlp: eqx.nn.LayerNorm
+    mlp: _MLP
+
+    def __init__(self, d: int, heads: int, ratio: int, *, key: Array):
+        k1, k2 = jax.random.split(key)
+        self.ln_q = eqx.nn.LayerNorm(d)
+        self.ln_kv = eqx.nn.LayerNorm(d)
+        self.attn = eqx.nn.MultiheadAttention(heads, d, key=k1)
+        self.ln_mlp = eqx.nn.LayerNorm(d)
+        self.mlp = _MLP([d, ratio * d, d], key=k2)
+
+    def __call__(self, tok, n_ctx, kv_mask):
+        """tok: (1 + N + M, d): null token, context tokens, query tokens. Keys and values are
+        the null and context tokens only."""
+        kv = jax.vmap(self.ln_kv)(tok[:n_ctx])
+        q = jax.vmap(self.ln_q)(tok)
+        mask = jnp.broadcast_to(kv_mask[None, :], (tok.shape[0], n_ctx))
+        tok = tok + self.attn(q, kv, kv, mask=mask)
+        return tok + jax.vmap(self.mlp)(jax.vmap(self.ln_mlp)(tok))
+
+
+class PFN(eqx.Module):
+    """The network. `__call__` returns (M, K) bucket logits; `predictive` the bar distribution.
+
+    The output layer starts at zero: an untrained network gives every bucket the same
+    probability, which (the borders being prior quantiles) is the prior predictive of y.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 11)), d_model=16,
+        ...                 n_layers=1)
+        >>> net = PFN(cfg, key=jax.random.key(0))
+        >>> cx, cy = jnp.array([[0.2], [0.7]]), jnp.array([0.1, -0.3])
+        >>> bar = net.predictive(cx, cy, jnp.ones(2, bool), jnp.array([[0.5], [0.9], [0.1]]))
+        >>> bar.log_prob(jnp.zeros(3)).shape
+        (3,)
+    """
+
+    config: PFNConfig = eqx.field(static=True)
+    x_embed: _MLP
+    y_embed: eqx.nn.Linear
+    query_token: Array
+    null_token: Array
+    blocks: list
+    ln_out: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, config: PFNConfig, *, key: Array):
+        dm = config.d_model
+        keys = jax.random.split(key, 5 + config.n_layers)
+        self.config = config
+        self.x_embed = _MLP([config.x_dim, dm, dm], key=keys[0])
+        self.y_embed = eqx.nn.Linear(1, dm, key=keys[1])
+        self.query_token = 0.02 * jax.random.normal(keys[2], (dm,))
+        self.null_token = 0.02 * jax.random.normal(keys[3], (dm,))
+        self.blocks = [_Block(dm, config.n_heads, config.mlp_ratio, key=k)
+                       for k in keys[5:]]
+        self.ln_out = eqx.nn.LayerNorm(dm)
+        head = eqx.nn.Linear(dm, config.n_buckets, key=keys[4])
+        self.head = eqx.tree_at(lambda h: (h.weight, h.bias), head,
+                                (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)))
+
+    def __call__(self, context_x: Float[Array, "N D"], context_y: Float[Array, " N"],
+                 cmask: Bool[Array, " N"], query_x: Float[Array, "M D"]) -> Float[Array, "M K"]:
+        cfg = self.config
+        y_loc, y_scale = cfg.y_location_scale()
+
+        def unit(x):
+            return 2.0 * (x - cfg.x_low) / (cfg.x_high - cfg.x_low) - 1.0
+
+        cy = jnp.where(cmask, (context_y - y_loc) / y_scale, 0.0)
+        ctx = (jax.vmap(self.x_embed)(unit(context_x))
+               + jax.vmap(self.y_embed)(cy[:, None]))
+        qry = jax.vmap(self.x_embed)(unit(query_x)) + self.query_token
+        tok = jnp.concatenate([self.null_token[None], ctx, qry], 0)
+        n_ctx = 1 + context_x.shape[0]
+        kv_mask = jnp.concatenate([jnp.ones((1,), bool), cmask])
+        for block in self.blocks:
+            tok = block(tok, n_ctx, kv_mask)
+        return jax.vmap(lambda t: self.head(self.ln_out(t)))(tok[n_ctx:])
+
+    def predictive(self, context_x, context_y, cmask, query_x) -> BarDistribution:
+        """The bar distribution of y* at each of the M query points (batch shape (M,))."""
+        logits = self(context_x, context_y, cmask, query_x)
+        return BarDistribution(jnp.asarray(self.config.borders, logits.dtype), logits)
+
+
+def pfn_loss(network: PFN, batch) -> Array:
+    """Mean negative log predictive density of the query values of a `PredictiveBatch`
+    (the PFN training objective)."""
+
+    def one(cx, cy, cm, qx, qy):
+        return -jnp.mean(network.predictive(cx, cy, cm, qx).log_prob(qy))
+
+    return jnp.mean(jax.vmap(one)(batch.context_x, batch.context_y, batch.cmask,
+                                  batch.query_x, batch.query_y))
