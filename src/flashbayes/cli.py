@@ -218,12 +218,46 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
               help="JSON file of TrainConfig fields (command-line options win)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
           d_model: Annotated[int | None, typer.Option(help="token width")] = None,
-          n_layers: Annotated[int | None, typer.Option(help="transformer blocks")] = None):
-    """Train a Distribution Transformer; writes OUT/ckpt_*.safetensors and OUT/model.safetensors."""
+          n_layers: Annotated[int | None, typer.Option(help="transformer blocks")] = None,
+          devices: Annotated[int | None, typer.Option(
+              help="data-parallel devices on this host (on a CPU, that many are created); "
+                   "default: 1, or every device of every process when processes are joined")]
+          = None,
+          coordinator: Annotated[str | None, typer.Option(
+              help="HOST:PORT of process 0, to join several processes (also "
+                   "FLASHBAYES_COORDINATOR; Slurm/Open MPI variables are read when unset)")]
+          = None,
+          num_processes: Annotated[int | None, typer.Option(
+              help="processes taking part (also FLASHBAYES_NUM_PROCESSES)")] = None,
+          process_id: Annotated[int | None, typer.Option(
+              help="this process's rank, 0 writes the checkpoints (also "
+                   "FLASHBAYES_PROCESS_ID)")] = None):
+    """Train a Distribution Transformer; writes OUT/ckpt_*.safetensors and OUT/model.safetensors.
+
+    Data-parallel: --devices N shards each batch over N devices of this host; --coordinator,
+    --num-processes and --process-id join several processes (hosts) into one run.
+    """
     import jax
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     import flashbayes as fb
+    from flashbayes.amortized import DistributedError, initialize_distributed, request_cpu_devices
+
+    if devices is not None:
+        if devices < 1:
+            raise UsageError(f"--devices: expected a positive integer; got {devices}")
+        request_cpu_devices(devices)
+    try:
+        group = initialize_distributed(coordinator, num_processes, process_id)
+    except DistributedError as exc:
+        raise UsageError(str(exc)) from exc
+    if group.num_processes > 1:
+        # every local device of every process; --devices says how many per process
+        mesh_devices = None if devices is None else [
+            d for p in range(group.num_processes)
+            for d in [x for x in jax.devices() if x.process_index == p][:devices]]
+    else:
+        mesh_devices = devices or 1
 
     if task not in fb.tasks.names():
         raise UsageError(f"task: expected one of {', '.join(fb.tasks.names())}; got {task!r}")
@@ -250,7 +284,7 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
                         TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]}"),
                         TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
-                        console=console, transient=False)
+                        console=console, transient=False, disable=not group.is_main)
     with progress:
         bar = progress.add_task(f"training {task}", total=cfg.steps, loss="-", rate="-")
 
@@ -261,8 +295,13 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
             progress.update(bar, completed=ev.step, loss=f"{ev.loss:.4f}",
                             rate=f"{ev.steps_per_second:.1f}")
 
-        model = fb.train(task, cfg, key=jax.random.key(seed), out_dir=out, resume=resume,
-                         callback=callback)
+        try:
+            model = fb.train(task, cfg, key=jax.random.key(seed), out_dir=out, resume=resume,
+                             callback=callback, devices=mesh_devices)
+        except (DistributedError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+    if not group.is_main:
+        return
     path = model.save(out / "model.safetensors")
     console.print(f"model written to {path} ({model.meta['train_seconds']:.0f} s of training)")
 

@@ -149,7 +149,7 @@ _RESUME_MISMATCH = {
     "key": "with another key (seed); resume with the same key",
     "task_params": "for other task parameters",
 }
-_VOLATILE = ("step", "train_seconds", "format_version", "devices", "processes")
+_VOLATILE = ("step", "train_seconds", "format_version", "devices", "processes", "loss")
 
 
 def _check_resume_header(found: dict, expected: dict, path: Path) -> None:
@@ -281,7 +281,8 @@ def fit_network(network: eqx.Module, loss_fn: Callable[[eqx.Module, Any], jax.Ar
             return
         save_checkpoint(Path(out_dir) / f"ckpt_{step_done:08d}.safetensors",
                         {**run_header, "step": step_done, "train_seconds": seconds,
-                         "devices": n_dev, "processes": jax.process_count()},
+                         "devices": n_dev, "processes": jax.process_count(),
+                         "loss": losses[-1] if losses else None},
                         {"params": to_host(params), "opt": to_host(opt_state)})
 
     bad = 0
@@ -316,7 +317,7 @@ def fit_network(network: eqx.Module, loss_fn: Callable[[eqx.Module, Any], jax.Ar
     total_seconds = elapsed_before + time.perf_counter() - t0
     fitted = eqx.combine(jax.tree_util.tree_map(jnp.asarray, to_host(params)), static)
     meta = {"step": cfg.steps, "train_config": cfg.to_dict(), "train_seconds": total_seconds,
-            "devices": n_dev}
+            "devices": n_dev, "loss": losses[-1] if losses else None}
     return fitted, meta
 
 
