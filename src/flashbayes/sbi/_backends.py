@@ -51,13 +51,15 @@ def run_inline(simulator, takes_rng: bool, theta: np.ndarray, seed: int,
 def run_processes(simulator, takes_rng: bool, theta: np.ndarray, seed: int,
                   x_shape: tuple[int, ...], chunks: Sequence[Chunk], on_result: OnResult, *,
                   workers: int, retries: int) -> None:
-    """Chunks on a pool of spawned processes (JAX is multithreaded: never fork it).
+    """Chunks on a pool of worker processes, never forked from this (multithreaded JAX)
+    process: on POSIX they are forked from multiprocessing's fork server, a clean process that
+    imports flashbayes once and stays up for the next call; elsewhere they are spawned.
 
     A chunk whose task fails (its process died, or the simulator raised a BaseException such as
     SystemExit) is resubmitted up to `retries` times. When a process dies the pool breaks and
     every chunk then in flight is charged one attempt.
     """
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _mp_context()
     todo: deque[Chunk] = deque(chunks)
     attempts: dict[int, int] = {}
     window = 2 * workers
@@ -94,6 +96,17 @@ def run_processes(simulator, takes_rng: bool, theta: np.ndarray, seed: int,
                         _retry(chunk, exc, attempts, retries, todo)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _mp_context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # the default preload ('__main__') plus the chunk runner and NumPyro, which a script
+        # that defines a simulator usually imports (workers import the main script again)
+        ctx.set_forkserver_preload(["__main__", "flashbayes.sbi._chunks",
+                                    "numpyro.distributions"])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def _retry(chunk: Chunk, exc: BaseException, attempts: dict[int, int], retries: int,

@@ -52,7 +52,7 @@ def run_dask(simulator, takes_rng: bool, theta: np.ndarray, seed: int,
         if scheduler is None:
             cluster = distributed.LocalCluster(
                 n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
-                dashboard_address=None)
+                dashboard_address=":0")
             client = distributed.Client(cluster)
         elif isinstance(scheduler, str):
             try:

@@ -168,7 +168,8 @@ def simulate(prior: Any, simulator: Callable, num_simulations: int, *, seed: int
           ``jax.random.fold_in(k, i)`` where ``k`` is the second half of
           ``jax.random.split(jax.random.key(seed))`` (the first draws theta).
         * Python (``"processes"`` or ``"dask"``): ``simulator(theta, rng) -> x`` where theta is a
-          float64 vector (d,) and rng is ``numpy.random.default_rng([seed, i])``. A one-argument
+          float64 vector (d,) and rng is ``numpy.random.default_rng([seed, i])`` (when the
+          second positional parameter is required or named ``rng``). A one-argument
           ``simulator(theta)`` instead finds NumPy's legacy global state (``np.random.*``) and
           Python's ``random`` seeded from (seed, i) before each call (the caller's state is
           restored afterwards; such chunks run one at a time per process). The output must be
@@ -408,21 +409,23 @@ def _resolve_backend(backend: str, simulator, scheduler) -> str:
 
 
 def _takes_rng(simulator) -> bool:
-    """(theta, rng) when the simulator accepts two positional arguments, else (theta)."""
+    """Whether to call simulator(theta, rng): its second positional parameter is required or
+    named ``rng`` (or it takes ``*args``); otherwise simulator(theta)."""
     try:
         sig = inspect.signature(simulator)
     except (TypeError, ValueError):
         return False
-    try:
-        sig.bind(None, None)
-    except TypeError:
-        try:
-            sig.bind(None)
-        except TypeError as exc:
-            raise TypeError(f"simulator: expected a Python function of (theta, rng) or (theta); "
-                            f"got one with signature {sig}") from exc
-        return False
-    return True
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    required_kw = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+    if len(required) > 2 or required_kw or not (positional or varargs):
+        raise TypeError(f"simulator: expected a Python function of (theta, rng) or (theta); "
+                        f"got one with signature {sig}")
+    if len(positional) >= 2:
+        return positional[1].default is positional[1].empty or positional[1].name == "rng"
+    return varargs
 
 
 def _simulator_name(simulator) -> str:
