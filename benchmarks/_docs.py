@@ -33,6 +33,9 @@ SECTIONS = [
     ("serve_load.md", "The posterior service under load",
      "From `python benchmarks/serve_load.py` (`benchmarks/results/serve_load.json`); see "
      "docs/service.md."),
+    ("simulation_scaling.md", "Simulations on 1 and 2 workers",
+     "From `python benchmarks/simulation_scaling.py` "
+     "(`benchmarks/results/simulation_scaling.json`); see docs/scaling.md."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "
      "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "
