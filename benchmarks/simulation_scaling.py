@@ -60,7 +60,10 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for row in res["runs"]:
-        lines.append(f"| {row['backend']} | {row['workers']} | {row['sims_per_second']:.1f} | "
+        workers = row["workers"]
+        if row["backend"] == "processes" and workers == 1:
+            workers = "1 (the calling process)"
+        lines.append(f"| {row['backend']} | {workers} | {row['sims_per_second']:.1f} | "
                      f"{row['ideal_sims_per_second']:.1f} | {row['seconds_median']:.2f} |")
     lines.append("")
     st = res["startup_seconds"]
