@@ -372,7 +372,6 @@ def test_processes_retry_a_chunk_whose_process_died(tmp_path):
     _same(ref, sims)
 
 
-@pytest.mark.slow
 def test_processes_give_up_after_retries_and_keep_finished_chunks(tmp_path):
     out = tmp_path / "sims.npz"
     with pytest.raises(sbi.ChunkFailed, match="failed on 2 attempt"):
