@@ -10,6 +10,7 @@ with `jax.vmap`.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import equinox as eqx
 import jax
@@ -17,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from flashbayes.amortized._checkpoint import CheckpointError, load_tree, read_header
 from flashbayes.amortized._dt import ConfigDict
-from flashbayes.distributions._bar import BarDistribution
+from flashbayes.distributions._bar import BarDistribution, bar_borders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,3 +190,33 @@ def pfn_loss(network: PFN, batch) -> Array:
 
     return jnp.mean(jax.vmap(one)(batch.context_x, batch.context_y, batch.cmask,
                                   batch.query_x, batch.query_y))
+
+
+def prior_borders(task, key: Array, n_buckets: int, *, n_samples: int = 200_000) -> np.ndarray:
+    """Bar borders from the prior predictive of a predictive task: quantiles of `n_samples`
+    query values drawn from the task (see `bar_borders`).
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=4)
+        >>> prior_borders(task, jax.random.key(0), 10, n_samples=2000).shape
+        (11,)
+    """
+    n_query = 50
+    batch = max(1, -(-int(n_samples) // n_query))
+    draws = jax.jit(lambda k: task.sample_batch(k, batch, n_query=n_query).query_y)(key)
+    return bar_borders(np.asarray(draws, np.float64), n_buckets)
+
+
+def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
+    """A PFN and its header from a checkpoint written by `fit_network` (trees "params")."""
+    header = read_header(path)
+    if header.get("kind") != "pfn" or "model_config" not in header:
+        raise CheckpointError(f"{path}: expected a PFN checkpoint (header kind 'pfn'); got kind "
+                              f"{header.get('kind')!r}")
+    cfg = PFNConfig.from_dict(header["model_config"])
+    net = PFN(cfg, key=jax.random.key(0))
+    params, static = eqx.partition(net, eqx.is_array)
+    params = load_tree(path, "params", params)
+    return eqx.combine(params, static), header

@@ -1,0 +1,84 @@
+"""Train the PFN for the `gp_hyperprior` task (the shipped hyperprior by default).
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/train_gp.py --out /work/scratch/runs/gp_pfn \
+        --steps 4000 --batch-size 32
+
+Writes checkpoints `ckpt_XXXXXXXX.safetensors` (header: task, task parameters, PFN config,
+train config) into --out, and progress lines (JSON) into --out/progress.jsonl. --resume continues
+from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flashbayes import tasks
+from flashbayes.amortized import TrainConfig, fit_network, request_cpu_devices
+from flashbayes.amortized._pfn import PFN, PFNConfig, pfn_loss, prior_borders
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-query", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--buckets", type=int, default=1000)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mlp-ratio", type=int, default=2)
+    ap.add_argument("--kernel", default="rbf")
+    ap.add_argument("--x-dim", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--devices", type=int, default=1, help="data-parallel CPU devices")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    if args.devices > 1:
+        request_cpu_devices(args.devices)
+
+    task = tasks.get_predictive("gp_hyperprior", kernel=args.kernel, x_dim=args.x_dim)
+    key = jax.random.key(args.seed)
+    k_borders, k_net, k_train = jax.random.split(key, 3)
+    borders = prior_borders(task, k_borders, args.buckets)
+    cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
+                    n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio)
+    net = PFN(cfg, key=k_net)
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                       warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
+                       log_every=25, weight_decay=0.0)
+    header = {"kind": "pfn", "task": task.name, "task_params": tasks.task_params(task),
+              "model_config": cfg.to_dict(), "n_query": args.n_query}
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "progress.jsonl", "a")
+    t0 = time.time()
+
+    def callback(ev):
+        log.write(json.dumps({"step": ev.step, "loss": ev.loss, "steps_per_s": ev.steps_per_second,
+                              "bad": ev.bad_steps, "wall": time.time() - t0,
+                              "message": ev.message}) + "\n")
+        log.flush()
+
+    def sample(k, b):
+        return task.sample_batch(k, b, n_query=args.n_query)
+
+    _, meta = fit_network(net, pfn_loss, sample, tcfg, key=k_train, out_dir=args.out,
+                          resume=args.resume, callback=callback, header=header,
+                          devices=args.devices)
+    log.write(json.dumps({"done": True, **{k: v for k, v in meta.items()
+                                            if k != "train_config"}}) + "\n")
+    log.close()
+    return np.asarray(0)
+
+
+if __name__ == "__main__":
+    main()
