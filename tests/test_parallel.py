@@ -68,8 +68,8 @@ def test_resume_on_another_device_count_equals_uninterrupted(four_devices):
     assert _agrees(four_devices["resumed"], four_devices["1"])
 
 
-def test_the_equality_check_fails_on_other_batches(four_devices):
-    assert not _agrees(four_devices["other_seed"], four_devices["1"])
+def test_the_equality_check_fails_when_devices_draw_the_same_slice(four_devices):
+    assert not _agrees(four_devices["duplicated_slices"], four_devices["1"])
 
 
 def _free_port() -> int:
