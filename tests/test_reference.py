@@ -172,6 +172,8 @@ def test_nuts_rejects_bad_settings():
     t = LogDensityTarget(lambda th: -0.5 * jnp.sum(th ** 2), dim=2)
     with pytest.raises(ValueError, match="num_samples"):
         nuts(jax.random.key(0), t, num_samples=0)
+    with pytest.raises(ValueError, match="num_warmup: expected an integer >= 1; got 0"):
+        nuts(jax.random.key(0), t, num_warmup=0)
     with pytest.raises(ValueError, match="init"):
         nuts(jax.random.key(0), t, num_chains=2, init=jnp.zeros((3, 2)))
     with pytest.raises(ValueError, match="target_accept"):

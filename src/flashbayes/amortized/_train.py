@@ -138,7 +138,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 def _task_name(task: _tasks.Task | str) -> tuple[_tasks.Task, dict]:
     if isinstance(task, str):
-        return _tasks.get(task), {}
+        task = _tasks.get(task)
     if isinstance(task, _tasks.Task):
         return task, _tasks.task_params(task)
     raise TypeError(f"task: expected a task name or Task; got {type(task).__name__}")

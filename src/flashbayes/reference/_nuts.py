@@ -131,7 +131,7 @@ def nuts(key: Array, target: Target, *, num_warmup: int = 1000, num_samples: int
         (2, 200, 2)
     """
     ensure_compilation_cache()
-    num_warmup = _check_positive("num_warmup", num_warmup, 0)
+    num_warmup = _check_positive("num_warmup", num_warmup)  # window adaptation needs >= 1 step
     num_samples = _check_positive("num_samples", num_samples)
     num_chains = _check_positive("num_chains", num_chains)
     chain_method = _check_chain_method(chain_method)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -55,7 +56,17 @@ def get(name: str, **params: Any) -> Task:
 
 
 def task_params(task: Task) -> dict:
-    """The constructor parameters of a task, as JSON-ready values (for checkpoint headers)."""
+    """Every constructor parameter of a task, defaults included, as JSON-ready values.
+
+    Checkpoint headers store these, so a model keeps meaning the task it was trained on even if
+    a default changes later.
+
+    Example:
+        >>> import flashbayes as fb
+        >>> params = task_params(fb.tasks.get("gmm_linear", n_max=10))
+        >>> params["n_max"], params["noise_sd"]
+        (10, 0.5)
+    """
 
     def plain(v):
         if isinstance(v, np.ndarray | jax.Array):
@@ -64,7 +75,14 @@ def task_params(task: Task) -> dict:
             return [plain(x) for x in v]
         return v
 
-    return {k: plain(v) for k, v in getattr(task, "_params", {}).items()}
+    given = dict(getattr(task, "_params", {}))
+    try:
+        bound = inspect.signature(type(task).__init__).bind(task, **given)
+    except TypeError:  # a constructor that takes other arguments: record what was given
+        return {k: plain(v) for k, v in given.items()}
+    bound.apply_defaults()
+    resolved = {k: v for k, v in bound.arguments.items() if k != "self"}
+    return {k: plain(v) for k, v in resolved.items()}
 
 
 def names() -> list[str]:
