@@ -38,6 +38,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from flashbayes._shared import SharedDataMissing, shared_benchmarks_dir
+from flashbayes.reference._base import flat_names, flatten_sites
 
 __all__ = ["Posterior", "SharedDataMissing", "flatten_draws", "get", "names"]
 
@@ -416,12 +417,7 @@ def names() -> list[str]:
 
 def _element_names(name: str, shape: tuple[int, ...]) -> list[str]:
     """Stan's names for the elements of an array: 1-based, first index fastest."""
-    if not shape:
-        return [name]
-    out = []
-    for idx in np.ndindex(*shape[::-1]):
-        out.append(f"{name}[{','.join(str(i + 1) for i in idx[::-1])}]")
-    return out
+    return flat_names(name, shape, order="F")
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -561,17 +557,4 @@ def flatten_draws(samples: Mapping[str, np.ndarray], *, batch_ndim: int = 1
     """
     if not isinstance(batch_ndim, int) or batch_ndim < 0:
         raise ValueError(f"expected batch_ndim to be an int >= 0; got {batch_ndim!r}")
-    out = {}
-    for name, value in samples.items():
-        a = np.asarray(value)
-        if a.ndim < batch_ndim:
-            raise ValueError(f"expected site {name!r} to have at least {batch_ndim} draw axes; "
-                             f"got shape {a.shape}")
-        event = a.shape[batch_ndim:]
-        for flat_index, element in enumerate(_element_names(name, event)):
-            if not event:
-                out[element] = a
-            else:
-                idx = np.unravel_index(flat_index, event, order="F")
-                out[element] = a[(Ellipsis, *idx)]
-    return out
+    return flatten_sites(samples, lead=batch_ndim, order="F")

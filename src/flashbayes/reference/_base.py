@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,30 +20,46 @@ class ConvergenceWarning(UserWarning):
     """R-hat above 1.01, too few effective draws, or divergent transitions."""
 
 
-def flat_names(name: str, shape: tuple[int, ...]) -> list[str]:
-    """Stan-style names of the entries of a site: `beta[1]`, `beta[2]`, ... (1-based, row-major).
+def _entries(shape: tuple[int, ...], order: str) -> list[tuple[int, ...]]:
+    if order not in ("C", "F"):
+        raise ValueError(f"order: expected 'C' or 'F'; got {order!r}")
+    return [tuple(int(i) for i in np.unravel_index(j, shape, order=order))
+            for j in range(math.prod(shape))]
+
+
+def _entry_name(name: str, idx: tuple[int, ...]) -> str:
+    return f"{name}[{','.join(str(i + 1) for i in idx)}]" if idx else name
+
+
+def flat_names(name: str, shape: tuple[int, ...], order: str = "C") -> list[str]:
+    """Stan-style names of the entries of a site: `beta[1]`, `beta[2]`, ... (1-based).
+
+    `order` "C" lists them row-major (last index fastest), "F" as Stan writes its output
+    columns (first index fastest).
 
     Example:
         >>> flat_names("beta", (2,))
         ['beta[1]', 'beta[2]']
         >>> flat_names("sigma", ())
         ['sigma']
+        >>> flat_names("a", (2, 2), order="F")
+        ['a[1,1]', 'a[2,1]', 'a[1,2]', 'a[2,2]']
     """
-    if not shape:
-        return [name]
-    return [f"{name}[{','.join(str(i + 1) for i in idx)}]"
-            for idx in itertools.product(*(range(s) for s in shape))]
+    return [_entry_name(name, idx) for idx in _entries(tuple(shape), order)]
 
 
-def flatten_sites(draws: Mapping[str, Any], lead: int = 2) -> dict[str, np.ndarray]:
-    """Site arrays of shape (*lead dims, *site shape) -> one (*lead dims) array per Stan name."""
+def flatten_sites(draws: Mapping[str, Any], lead: int = 2, order: str = "C"
+                  ) -> dict[str, np.ndarray]:
+    """Site arrays of shape (*lead dims, *site shape) -> one (*lead dims) array per Stan name,
+    listed in `order` (see `flat_names`)."""
     out = {}
     for name, value in draws.items():
         value = np.asarray(value)
-        shape = value.shape[lead:]
-        flat = value.reshape(*value.shape[:lead], -1)
-        for j, fname in enumerate(flat_names(name, shape)):
-            out[fname] = flat[..., j]
+        if value.ndim < lead:
+            raise ValueError(f"expected site {name!r} to have at least {lead} draw axes; "
+                             f"got shape {value.shape}")
+        for idx in _entries(value.shape[lead:], order):
+            out[_entry_name(name, idx)] = value[(Ellipsis, *idx)]
     return out
 
 
