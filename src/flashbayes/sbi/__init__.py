@@ -14,7 +14,10 @@ Example:
     ((20, 1), (20, 1), 0)
 """
 
+from flashbayes.sbi import tasks
 from flashbayes.sbi._backends import ChunkFailed
+from flashbayes.sbi._npe import NPEEstimator, NPEEvent, NPEPosterior, load_npe, train_npe
 from flashbayes.sbi._simulate import SimulationEvent, Simulations, load_simulations, simulate
 
-__all__ = ["ChunkFailed", "SimulationEvent", "Simulations", "load_simulations", "simulate"]
+__all__ = ["ChunkFailed", "NPEEstimator", "NPEEvent", "NPEPosterior", "SimulationEvent",
+           "Simulations", "load_npe", "load_simulations", "simulate", "tasks", "train_npe"]

@@ -1,0 +1,549 @@
+"""Neural posterior estimation (NPE): one network q(theta | x), amortized over observations.
+
+Training pairs (theta, x) come from the prior and the simulator (or a stored `Simulations`).
+theta is mapped to an unbounded space by a bijection chosen from the prior's support (identity on
+the real line, logit-affine on a box, log on the positive half-line), so that the posterior puts
+no mass outside the support; then theta and x are z-scored with the training set's statistics.
+The density head is a Gaussian mixture (``"gmm"``, a mixture density network whose output is a
+`flashbayes.GMM`), a neural spline coupling flow (``"nsf"``) or a masked autoregressive flow
+(``"maf"``), both from flowjax. Training minimises -log q(theta | x) with Adam, keeps a validation
+split, stops early when the validation loss stops improving and keeps the best weights.
+
+Example:
+    >>> import jax, jax.numpy as jnp, numpyro.distributions as dist
+    >>> from flashbayes import sbi
+    >>> prior = dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1)
+    >>> def simulator(key, theta):
+    ...     return theta + 0.05 * jax.random.normal(key, (2,))
+    >>> est = sbi.train_npe(prior, simulator, num_simulations=500, key=jax.random.key(0),
+    ...                     max_epochs=5)
+    >>> draws = est.posterior(jnp.array([0.3, 0.6])).sample(jax.random.key(1), 1000)
+    >>> draws.shape, bool(((draws > 0) & (draws < 1)).all())
+    ((1000, 2), True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flashbayes.distributions import GMM
+from flashbayes.sbi._embedding import EMBEDDINGS, make_embedding
+
+__all__ = ["NPEEstimator", "NPEEvent", "NPEPosterior", "load_npe", "train_npe"]
+
+HEADS = ("gmm", "nsf", "maf")
+CHECKPOINT_NAME = "npe.safetensors"
+_KIND = "npe"
+
+
+# -- support bijection ----------------------------------------------------------------------------
+
+
+def _support_spec(prior: Any, dim: int) -> dict:
+    """A JSON description of the prior's support: real, interval (lower, upper) or greater_than."""
+    from numpyro.distributions import constraints
+
+    support = getattr(prior, "support", None)
+    if support is None:
+        raise TypeError(f"prior: expected a NumPyro distribution; got {type(prior).__name__}")
+    base = support
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    if base is constraints.real or base is constraints.real_vector:
+        return {"kind": "real"}
+    lower = getattr(base, "lower_bound", None)
+    upper = getattr(base, "upper_bound", None)
+    if lower is not None and upper is not None:
+        return {"kind": "interval",
+                "lower": np.broadcast_to(np.asarray(lower, np.float64), (dim,)).tolist(),
+                "upper": np.broadcast_to(np.asarray(upper, np.float64), (dim,)).tolist()}
+    if lower is not None:
+        return {"kind": "greater_than",
+                "lower": np.broadcast_to(np.asarray(lower, np.float64), (dim,)).tolist()}
+    raise ValueError(f"prior: expected a support on the reals, a box or a lower bound; got "
+                     f"{support}")
+
+
+def _bijection(spec: dict):
+    """The NumPyro transform from R^d onto the support described by `spec`."""
+    from numpyro.distributions import constraints
+    from numpyro.distributions.transforms import biject_to
+
+    if spec["kind"] == "real":
+        return biject_to(constraints.real_vector)
+    lower = jnp.asarray(spec["lower"], jnp.float32)
+    if spec["kind"] == "interval":
+        base = constraints.interval(lower, jnp.asarray(spec["upper"], jnp.float32))
+    else:
+        base = constraints.greater_than(lower)
+    return biject_to(constraints.independent(base, 1))
+
+
+def _in_support(spec: dict, theta):
+    if spec["kind"] == "real":
+        return jnp.ones(theta.shape[:-1], bool)
+    ok = theta > jnp.asarray(spec["lower"], theta.dtype)
+    if spec["kind"] == "interval":
+        ok = ok & (theta < jnp.asarray(spec["upper"], theta.dtype))
+    return jnp.all(ok, axis=-1)
+
+
+# -- density heads --------------------------------------------------------------------------------
+
+
+class MixtureHead(eqx.Module):
+    """A mixture density network: context -> Gaussian mixture (weights, means, Cholesky factors)."""
+
+    mlp: eqx.nn.MLP
+    n_components: int = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, context_dim: int, dim: int, n_components: int, width: int, *, key):
+        self.n_components, self.dim = n_components, dim
+        n_out = n_components * (1 + dim + dim * (dim + 1) // 2)
+        self.mlp = eqx.nn.MLP(context_dim, n_out, width, 2, activation=jax.nn.gelu, key=key)
+
+    def __call__(self, context) -> GMM:
+        k, d = self.n_components, self.dim
+        out = self.mlp(context)
+        logits, out = out[:k], out[k:]
+        means, out = out[: k * d].reshape(k, d), out[k * d:]
+        rows, cols = jnp.tril_indices(d)
+        raw = jnp.zeros((k, d, d)).at[:, rows, cols].set(out.reshape(k, -1))
+        diag = jax.nn.softplus(jnp.diagonal(raw, axis1=-2, axis2=-1) + 0.5) + 1e-3
+        tril = jnp.tril(raw, -1) + jax.vmap(jnp.diag)(diag)
+        return GMM.unchecked(jax.nn.softmax(logits), means, tril)
+
+
+class _Net(eqx.Module):
+    embedding: eqx.Module
+    head: eqx.Module
+    kind: str = eqx.field(static=True)
+
+    def log_prob(self, z, xz):
+        context = self.embedding(xz)
+        if self.kind == "gmm":
+            return self.head(context).log_prob(z)
+        return self.head.log_prob(z, condition=context)
+
+    def sample(self, key, n: int, xz):
+        context = self.embedding(xz)
+        if self.kind == "gmm":
+            return self.head(context).sample(key, n)
+        return self.head.sample(key, (n,), condition=context)
+
+
+def _build_net(config: dict, *, key) -> _Net:
+    import flowjax.distributions as fd
+    import flowjax.flows as ff
+    from flowjax.bijections import RationalQuadraticSpline
+
+    k_emb, k_head = jax.random.split(key)
+    embedding = make_embedding(config["embedding"], tuple(config["x_shape"]), key=k_emb,
+                               dim=config["embedding_dim"])
+    dim, head, width = config["dim_theta"], config["head"], config["hidden"]
+    if head == "gmm":
+        net_head = MixtureHead(embedding.out_dim, dim, config["n_components"], width, key=k_head)
+    elif head == "nsf":
+        net_head = ff.coupling_flow(
+            k_head, base_dist=fd.Normal(jnp.zeros(dim)), cond_dim=embedding.out_dim,
+            transformer=RationalQuadraticSpline(knots=config["knots"], interval=5.0),
+            flow_layers=config["flow_layers"], nn_width=width, nn_depth=2)
+    else:
+        net_head = ff.masked_autoregressive_flow(
+            k_head, base_dist=fd.Normal(jnp.zeros(dim)), cond_dim=embedding.out_dim,
+            flow_layers=config["flow_layers"], nn_width=width, nn_depth=2)
+    return _Net(embedding, net_head, head)
+
+
+# -- the posterior --------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _sample_theta(net, stats, transform, key, xz, n):
+    z = net.sample(key, n, xz)
+    return transform(stats["theta_mean"] + stats["theta_std"] * z)
+
+
+class NPEPosterior:
+    """q(theta | x_obs) for one observation: ``sample(key, n)`` and ``log_prob(theta)``.
+
+    Attributes:
+        x_obs: the observation conditioned on.
+    """
+
+    def __init__(self, estimator: NPEEstimator, x_obs: jax.Array):
+        self._est = estimator
+        self.x_obs = x_obs
+        self._xz = (x_obs - estimator.stats["x_mean"]) / estimator.stats["x_std"]
+
+    @property
+    def dim(self) -> int:
+        return self._est.dim_theta
+
+    def sample(self, key: jax.Array, n: int) -> jax.Array:
+        """n draws (n, dim theta), all inside the prior's support, in one compiled call."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n: expected a positive integer; got {n!r}")
+        est = self._est
+        return _sample_theta(est.net, est.stats, est._transform, key, self._xz, int(n))
+
+    def log_prob(self, theta: Any) -> jax.Array:
+        """log q(theta | x_obs) for theta (..., dim theta); -inf outside the prior's support."""
+        theta = jnp.asarray(theta, jnp.float32)
+        if theta.shape[-1:] != (self.dim,):
+            raise ValueError(f"theta: expected shape (..., {self.dim}); got {theta.shape}")
+        flat = theta.reshape(-1, self.dim)
+        out = _log_prob_theta(self._est.net, self._est.stats, self._est._transform, self._xz,
+                              flat, self._est.support["kind"] != "real")
+        return out.reshape(theta.shape[:-1])
+
+    def mean(self, key: jax.Array | None = None, n: int = 10_000) -> jax.Array:
+        """Monte Carlo mean from n draws (key defaults to ``jax.random.key(0)``)."""
+        return self.sample(jax.random.key(0) if key is None else key, n).mean(0)
+
+    def cov(self, key: jax.Array | None = None, n: int = 10_000) -> jax.Array:
+        """Monte Carlo covariance from n draws (key defaults to ``jax.random.key(0)``)."""
+        return jnp.cov(self.sample(jax.random.key(0) if key is None else key, n).T)
+
+    def unbounded_gmm(self) -> GMM:
+        """For the ``"gmm"`` head: the mixture over the unbounded parameters u (theta = T(u))."""
+        est = self._est
+        if est.config["head"] != "gmm":
+            raise ValueError(f"unbounded_gmm: expected an estimator with head 'gmm'; got "
+                             f"{est.config['head']!r}")
+        g = est.net.head(est.net.embedding(self._xz))
+        s, m = est.stats["theta_std"], est.stats["theta_mean"]
+        return GMM.unchecked(g.weights, m + s * g.means, s[:, None] * g.scale_tril)
+
+
+@eqx.filter_jit
+def _log_prob_theta(net, stats, transform, xz, theta, bounded):
+    inside = _in_support(transform.spec, theta) if bounded else jnp.ones(theta.shape[0], bool)
+    safe = jnp.where(inside[:, None], theta, transform.safe_point)
+    u = transform.inverse(safe)
+    z = (u - stats["theta_mean"]) / stats["theta_std"]
+    lp = jax.vmap(net.log_prob, (0, None))(z, xz) - jnp.sum(jnp.log(stats["theta_std"]))
+    lp = lp - transform.log_det(u)
+    return jnp.where(inside, lp, -jnp.inf)
+
+
+class _Transform(eqx.Module):
+    """The support bijection with the pieces the compiled functions need."""
+
+    spec: dict = eqx.field(static=False)
+    safe_point: jax.Array
+
+    def __init__(self, spec: dict):
+        self.spec = {k: (jnp.asarray(v, jnp.float32) if k != "kind" else v)
+                     for k, v in spec.items()}
+        if spec["kind"] == "interval":
+            self.safe_point = 0.5 * (self.spec["lower"] + self.spec["upper"])
+        elif spec["kind"] == "greater_than":
+            self.safe_point = self.spec["lower"] + 1.0
+        else:
+            self.safe_point = jnp.zeros(())
+
+    def _t(self):
+        return _bijection({k: v for k, v in self.spec.items()})
+
+    def __call__(self, u):
+        return self._t()(u)
+
+    def inverse(self, theta):
+        return self._t().inv(theta)
+
+    def log_det(self, u):
+        t = self._t()
+        return t.log_abs_det_jacobian(u, t(u))
+
+
+# -- the estimator --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NPEEvent:
+    """What the progress callback receives after each epoch."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    epochs_without_improvement: int
+    done: bool
+
+
+class NPEEstimator:
+    """A trained NPE network with the bijection and z-scoring around it.
+
+    Use `posterior` to condition on an observation, `save` / `load_npe` to keep it.
+
+    Attributes:
+        config: the JSON description (head, embedding, sizes, support, training summary).
+        history: per-epoch (train loss, validation loss).
+    """
+
+    def __init__(self, net: _Net, stats: dict, config: dict, history: list | None = None):
+        self.net = net
+        self.stats = {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+        self.config = config
+        self.history = history or []
+        self._transform = _Transform(config["support"])
+
+    @property
+    def dim_theta(self) -> int:
+        return int(self.config["dim_theta"])
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self.config["x_shape"])
+
+    @property
+    def support(self) -> dict:
+        return self.config["support"]
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return list(self.config["parameter_names"])
+
+    def posterior(self, x_obs: Any) -> NPEPosterior:
+        """The posterior for one observation of shape `x_shape`.
+
+        Raises:
+            ValueError: x_obs has the wrong shape or is not finite.
+        """
+        x = np.asarray(x_obs, dtype=np.float64)
+        if x.shape != self.x_shape:
+            raise ValueError(f"x_obs: expected shape {self.x_shape}; got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x_obs: expected finite values; got NaN or inf")
+        return NPEPosterior(self, jnp.asarray(x, jnp.float32))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the estimator atomically (safetensors + JSON header)."""
+        from flashbayes.amortized._checkpoint import save_checkpoint
+
+        header = {"kind": _KIND, "config": self.config, "history": self.history}
+        return save_checkpoint(path, header, {"net": eqx.filter(self.net, eqx.is_array),
+                                              "stats": self.stats})
+
+
+def load_npe(path: str | os.PathLike) -> NPEEstimator:
+    """Read an estimator written by `NPEEstimator.save` (or a ``train_npe`` checkpoint folder).
+
+    Raises:
+        CheckpointError: the file is missing, malformed or not an NPE checkpoint.
+    """
+    from flashbayes.amortized._checkpoint import CheckpointError, load_tree, read_header
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    header = read_header(path)
+    if header.get("kind") != _KIND:
+        raise CheckpointError(f"checkpoint: expected an NPE checkpoint (kind 'npe'); got kind "
+                              f"{header.get('kind')!r} in {path}")
+    config = header["config"]
+    skeleton = _build_net(config, key=jax.random.key(0))
+    arrays, static = eqx.partition(skeleton, eqx.is_array)
+    net = eqx.combine(load_tree(path, "net", arrays), static)
+    like = {k: np.zeros(config["stats_shapes"][k], np.float32) for k in config["stats_shapes"]}
+    stats = load_tree(path, "stats", like)
+    return NPEEstimator(net, stats, config, header.get("history"))
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _training_pairs(prior, source, num_simulations, key):
+    """(theta, x) float32 arrays of the successful simulations, and the x shape."""
+    from flashbayes.sbi._simulate import Simulations, simulate
+
+    if isinstance(source, Simulations):
+        theta, x = source.valid()
+    elif isinstance(source, tuple) and len(source) == 2:
+        theta, x = (np.asarray(a) for a in source)
+        if theta.ndim != 2 or len(theta) != len(x):
+            raise ValueError(f"simulations: expected (theta (n, d), x (n, ...)); got shapes "
+                             f"{theta.shape} and {x.shape}")
+        ok = np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)
+        theta, x = theta[ok], x[ok]
+    elif callable(source):
+        if num_simulations is None:
+            raise ValueError("num_simulations: expected a positive integer with a simulator; got "
+                             "None")
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        theta, x = simulate(prior, source, int(num_simulations), seed=seed,
+                            backend="jax").valid()
+    else:
+        raise TypeError(f"simulator_or_simulations: expected a simulator(key, theta), a "
+                        f"Simulations or a (theta, x) pair; got {type(source).__name__}")
+    if num_simulations is not None and not callable(source):
+        if num_simulations > len(theta):
+            raise ValueError(f"num_simulations: expected at most the {len(theta)} successful "
+                             f"simulations given; got {num_simulations}")
+        theta, x = theta[:num_simulations], x[:num_simulations]
+    theta = np.asarray(theta, np.float32).reshape(len(theta), -1)
+    x = np.asarray(x, np.float32)
+    if x.ndim == 1:
+        x = x[:, None]
+    return theta, x
+
+
+def _z_stats(values: np.ndarray, axes: tuple[int, ...]):
+    mean = values.mean(axis=axes, keepdims=True)[0]
+    std = values.std(axis=axes, keepdims=True)[0]
+    return mean, np.where(std < 1e-8, 1.0, std)
+
+
+def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | None = None, *,
+              key: jax.Array, head: Literal["gmm", "nsf", "maf"] = "gmm",
+              embedding: str = "identity", embedding_dim: int = 32, n_components: int = 10,
+              hidden: int = 50, flow_layers: int = 5, knots: int = 10,
+              validation_fraction: float = 0.1, max_epochs: int = 1000, patience: int = 20,
+              batch_size: int = 200, learning_rate: float = 5e-4,
+              parameter_names: list[str] | None = None, out_dir: str | os.PathLike | None = None,
+              callback: Callable[[NPEEvent], Any] | None = None) -> NPEEstimator:
+    """Train q(theta | x) on simulations from `prior` and a simulator.
+
+    Args:
+        prior: a NumPyro distribution over theta (d,) (its support selects the bijection).
+        simulator_or_simulations: a JAX ``simulator(key, theta) -> x`` of one theta (then
+            `num_simulations` are run), a `Simulations` (only its successful rows are used) or a
+            pair of arrays (theta (n, d), x (n, ...); rows with non-finite x are dropped).
+        num_simulations: the budget (required with a simulator; with stored simulations, the
+            first this many successful ones).
+        key: PRNG key (simulations, split, initial weights, batches).
+        head: ``"gmm"`` (mixture density network), ``"nsf"`` (neural spline coupling flow) or
+            ``"maf"`` (masked autoregressive flow).
+        embedding: ``"identity"``, ``"mlp"``, ``"set"`` or ``"series"`` (see `make_embedding`).
+        embedding_dim, n_components, hidden, flow_layers, knots: network sizes.
+        validation_fraction: share of the simulations held out for early stopping.
+        max_epochs, patience: stop after `max_epochs`, or after `patience` epochs without a
+            better validation loss; the best weights are kept.
+        batch_size, learning_rate: Adam on minibatches (gradient norm clipped at 5).
+        parameter_names: names of the theta coordinates (kept in the checkpoint).
+        out_dir: if given, the best estimator so far is written to ``out_dir/npe.safetensors``
+            (atomically) whenever the validation loss improves.
+        callback: receives an `NPEEvent` after every epoch.
+
+    Returns:
+        the trained `NPEEstimator`.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {list(HEADS)}; got {head!r}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding: expected one of {list(EMBEDDINGS)}; got {embedding!r}")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction: expected a number in (0, 1); got "
+                         f"{validation_fraction!r}")
+    for name, value in (("max_epochs", max_epochs), ("patience", patience),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    k_sim, k_split, k_init, k_train = jax.random.split(key, 4)
+    theta, x = _training_pairs(prior, simulator_or_simulations, num_simulations, k_sim)
+    n, dim = theta.shape
+    n_val = max(1, int(round(validation_fraction * n)))
+    if n - n_val < 2:
+        raise ValueError(f"simulations: expected at least {n_val + 2} successful simulations; "
+                         f"got {n}")
+    support = _support_spec(prior, dim)
+    transform = _Transform(support)
+    inside = np.asarray(_in_support(support, jnp.asarray(theta))) if support["kind"] != "real" \
+        else np.ones(n, bool)
+    if not inside.all():
+        raise ValueError(f"simulations: expected theta inside the prior's support; got "
+                         f"{int((~inside).sum())} rows outside")
+    u = np.asarray(transform.inverse(jnp.asarray(theta)), np.float32)
+    perm = np.asarray(jax.random.permutation(k_split, n))
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    theta_mean, theta_std = _z_stats(u[train_idx], (0,))
+    x_axes = (0, 1) if embedding == "set" else (0,)
+    x_mean, x_std = _z_stats(x[train_idx], x_axes)
+    stats = {"theta_mean": theta_mean, "theta_std": theta_std, "x_mean": x_mean, "x_std": x_std}
+    z_all = (u - theta_mean) / theta_std
+    xz_all = (x - x_mean) / x_std
+    names = list(parameter_names) if parameter_names is not None else \
+        [f"theta_{i + 1}" for i in range(dim)]
+    if len(names) != dim:
+        raise ValueError(f"parameter_names: expected {dim} names; got {len(names)}")
+    config = {"head": head, "embedding": embedding, "embedding_dim": embedding_dim,
+              "n_components": n_components, "hidden": hidden, "flow_layers": flow_layers,
+              "knots": knots, "dim_theta": dim, "x_shape": list(x.shape[1:]),
+              "support": support, "parameter_names": names,
+              "stats_shapes": {k: list(np.shape(v)) for k, v in stats.items()},
+              "num_simulations": int(n), "num_validation": int(n_val)}
+    net = _build_net(config, key=k_init)
+
+    import paramax
+
+    params, static = eqx.partition(net, eqx.is_inexact_array,
+                                   is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable))
+    optimiser = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(learning_rate))
+    opt_state = optimiser.init(params)
+
+    def batch_loss(p, zb, xb):
+        model = eqx.combine(p, static)
+        return -jnp.mean(jax.vmap(model.log_prob)(zb, xb))
+
+    train_z, train_x = jnp.asarray(z_all[train_idx]), jnp.asarray(xz_all[train_idx])
+    val_z, val_x = jnp.asarray(z_all[val_idx]), jnp.asarray(xz_all[val_idx])
+    bs = min(batch_size, len(train_idx))
+    n_batches = len(train_idx) // bs
+
+    @jax.jit
+    def epoch(p, state, k, tz, tx):
+        order = jax.random.permutation(k, tz.shape[0])[: n_batches * bs].reshape(n_batches, bs)
+
+        def step(carry, idx):
+            p, state = carry
+            loss, grads = jax.value_and_grad(batch_loss)(p, tz[idx], tx[idx])
+            updates, state = optimiser.update(grads, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, state), losses = jax.lax.scan(step, (p, state), order)
+        return p, state, jnp.mean(losses)
+
+    @jax.jit
+    def validation_loss(p, vz, vx):
+        chunks = max(1, math.ceil(vz.shape[0] / 4096))
+        return jnp.sum(jnp.stack([
+            batch_loss(p, vz[i::chunks], vx[i::chunks]) * vz[i::chunks].shape[0]
+            for i in range(chunks)])) / vz.shape[0]
+
+    best, best_params, stale, history = float(validation_loss(params, val_z, val_x)), params, 0, []
+    out_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    for ep in range(1, max_epochs + 1):
+        params, opt_state, train_loss = epoch(params, opt_state, jax.random.fold_in(k_train, ep),
+                                              train_z, train_x)
+        val = float(validation_loss(params, val_z, val_x))
+        history.append([float(train_loss), val])
+        if np.isfinite(val) and val < best:
+            best, best_params, stale = val, params, 0
+            if out_path is not None:
+                NPEEstimator(eqx.combine(best_params, static), stats,
+                             {**config, "epochs": ep}, history).save(out_path)
+        else:
+            stale += 1
+        done = stale >= patience or ep == max_epochs
+        if callback is not None:
+            callback(NPEEvent(ep, float(train_loss), val, best, stale, done))
+        if done:
+            break
+    config = {**config, "epochs": len(history), "best_val_loss": best}
+    est = NPEEstimator(eqx.combine(best_params, static), stats, config, history)
+    if out_path is not None:
+        est.save(out_path)
+    return est

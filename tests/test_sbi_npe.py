@@ -1,0 +1,178 @@
+"""NPE: accuracy on a closed form, support, early stopping, checkpoints, refusals, failures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+from flashbayes import sbi
+from flashbayes.amortized import CheckpointError
+from flashbayes.sbi._embedding import make_embedding
+
+TINY = {"hidden": 16, "flow_layers": 2, "knots": 4, "n_components": 2}
+
+
+def _linear_task():
+    task = sbi.tasks.get("gaussian_linear")
+    return task.prior(), task.simulator
+
+
+def _near_closed_form(draws, x_obs):
+    """Loose check of the gaussian_linear posterior N(x/2, 0.05 I) from draws."""
+    draws = np.asarray(draws)
+    mean_err = np.max(np.abs(draws.mean(0) - x_obs / 2))
+    sd = draws.std(0)
+    return mean_err < 0.15 and np.all((sd > 0.15) & (sd < 0.32))
+
+
+@pytest.fixture(scope="module")
+def linear_estimator():
+    prior, simulator = _linear_task()
+    return sbi.train_npe(prior, simulator, 2000, key=jax.random.key(0), head="maf",
+                         max_epochs=200)
+
+
+def test_posterior_approaches_the_closed_form(linear_estimator):
+    x_obs = np.array([0.3, -0.2, 0.5, 0.0, 0.1, -0.4, 0.2, 0.6, -0.1, 0.05])
+    draws = linear_estimator.posterior(x_obs).sample(jax.random.key(1), 5000)
+    assert draws.shape == (5000, 10)
+    assert _near_closed_form(draws, x_obs)
+    # the check is not vacuous: the posterior of another observation fails it
+    other = linear_estimator.posterior(x_obs + 0.6).sample(jax.random.key(1), 5000)
+    assert not _near_closed_form(other, x_obs)
+
+
+def test_log_prob_is_consistent_with_samples(linear_estimator):
+    post = linear_estimator.posterior(np.zeros(10))
+    draws = post.sample(jax.random.key(2), 2000)
+    lp = post.log_prob(draws)
+    assert lp.shape == (2000,) and bool(jnp.all(jnp.isfinite(lp)))
+    # draws are typical: their mean log density beats that of points far from the posterior
+    assert float(lp.mean()) > float(post.log_prob(draws + 1.0).mean()) + 5.0
+    assert post.log_prob(draws[0]).shape == ()
+
+
+@pytest.mark.parametrize("head", ["gmm", "nsf", "maf"])
+def test_bounded_support_gets_all_the_mass(head):
+    # gaussian_mixture: a box prior and an observation at the edge of the box
+    task = sbi.tasks.get("gaussian_mixture")
+    est = sbi.train_npe(task.prior(), task.simulator, 600, key=jax.random.key(3), head=head,
+                        max_epochs=3, **TINY)
+    post = est.posterior(np.array([-9.8, 9.9]))
+    draws = np.asarray(post.sample(jax.random.key(4), 20_000))
+    assert np.all((draws > -10) & (draws < 10))
+    outside = post.log_prob(jnp.array([[-10.5, 0.0], [0.0, 11.0], [0.0, 0.0]]))
+    assert np.isneginf(outside[:2]).all() and np.isfinite(outside[2])
+
+
+def test_log_prob_integrates_to_one_on_a_box():
+    # the change of variables is right: the density over theta integrates to one on the box
+    prior = dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1)
+
+    def simulator(key, theta):
+        return theta + 0.2 * jax.random.normal(key, (2,))
+
+    for head in ("gmm", "nsf"):
+        est = sbi.train_npe(prior, simulator, 400, key=jax.random.key(5), head=head,
+                            max_epochs=3, **TINY)
+        grid = (np.arange(400) + 0.5) / 400
+        pts = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+        mass = float(jnp.exp(est.posterior(np.array([0.4, 0.5])).log_prob(pts)).mean())
+        assert abs(mass - 1.0) < 0.02, (head, mass)
+
+
+def test_early_stopping_stops_and_keeps_the_best_weights():
+    prior, simulator = _linear_task()
+    events = []
+    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(6), head="gmm",
+                        max_epochs=2000, patience=3, learning_rate=3e-3, callback=events.append,
+                        **TINY)
+    val = np.array([v for _, v in est.history])
+    assert len(est.history) < 2000
+    assert len(val) == int(np.argmin(val)) + 1 + 3  # stopped `patience` epochs after the best
+    assert events[-1].done and events[-1].epochs_without_improvement == 3
+    assert est.config["best_val_loss"] == pytest.approx(val.min())
+
+
+@pytest.mark.parametrize("head", ["gmm", "nsf", "maf"])
+def test_save_load_round_trip(tmp_path, head):
+    prior, simulator = _linear_task()
+    est = sbi.train_npe(prior, simulator, 200, key=jax.random.key(7), head=head, max_epochs=2,
+                        out_dir=tmp_path, parameter_names=[f"p{i}" for i in range(10)], **TINY)
+    assert (tmp_path / "npe.safetensors").is_file()
+    back = sbi.load_npe(tmp_path)
+    x = np.linspace(-0.5, 0.5, 10)
+    a, b = est.posterior(x), back.posterior(x)
+    k = jax.random.key(8)
+    np.testing.assert_array_equal(a.sample(k, 100), b.sample(k, 100))
+    theta = np.asarray(a.sample(jax.random.key(9), 10))
+    np.testing.assert_allclose(a.log_prob(theta), b.log_prob(theta), rtol=1e-6)
+    assert back.parameter_names == [f"p{i}" for i in range(10)]
+    assert back.config == est.config
+
+
+def test_load_refuses_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="expected a file"):
+        sbi.load_npe(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        sbi.load_npe(tmp_path / "junk.safetensors")
+
+
+def test_bad_input_is_refused(linear_estimator):
+    with pytest.raises(ValueError, match="expected finite values"):
+        linear_estimator.posterior(np.full(10, np.nan))
+    with pytest.raises(ValueError, match=r"expected shape \(10,\); got \(3,\)"):
+        linear_estimator.posterior(np.zeros(3))
+    post = linear_estimator.posterior(np.zeros(10))
+    with pytest.raises(ValueError, match="expected a positive integer"):
+        post.sample(jax.random.key(0), 0)
+    with pytest.raises(ValueError, match=r"expected shape \(..., 10\)"):
+        post.log_prob(np.zeros((4, 3)))
+    prior, simulator = _linear_task()
+    with pytest.raises(ValueError, match="head: expected one of"):
+        sbi.train_npe(prior, simulator, 100, key=jax.random.key(0), head="flow")
+    with pytest.raises(ValueError, match="num_simulations: expected a positive integer"):
+        sbi.train_npe(prior, simulator, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="expected a simulator"):
+        sbi.train_npe(prior, "sims.npz", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="embedding: expected one of"):
+        sbi.train_npe(prior, simulator, 100, key=jax.random.key(0), embedding="cnn")
+
+
+def test_only_successful_simulations_are_used():
+    prior = dist.Normal(jnp.zeros(2), 1.0).to_event(1)
+
+    def flaky(key, theta):  # fails (NaN) for a third of the prior mass
+        x = theta + 0.1 * jax.random.normal(key, (2,))
+        return jnp.where(theta[0] > 0.43, jnp.nan, x)
+
+    sims = sbi.simulate(prior, flaky, 300, seed=0)
+    assert 0 < sims.failures["nonfinite"] < 300
+    est = sbi.train_npe(prior, sims, key=jax.random.key(1), max_epochs=2, **TINY)
+    assert est.config["num_simulations"] == sims.num_ok
+    theta, x = np.asarray(sims.theta), np.asarray(sims.x)
+    est2 = sbi.train_npe(prior, (theta, x), key=jax.random.key(1), max_epochs=2, **TINY)
+    assert est2.config["num_simulations"] == sims.num_ok
+    assert bool(jnp.all(jnp.isfinite(est2.stats["x_mean"])))
+
+
+def test_set_and_series_embeddings():
+    key = jax.random.key(0)
+    emb = make_embedding("set", (6, 2), key=key, dim=4)
+    pts = jax.random.normal(key, (6, 2))
+    np.testing.assert_allclose(emb(pts), emb(pts[jnp.array([3, 1, 0, 5, 2, 4])]), atol=1e-5)
+    series = make_embedding("series", (40,), key=key, dim=4)
+    assert series(jnp.ones(40)).shape == (4,)
+    with pytest.raises(ValueError, match="expected observations of shape"):
+        make_embedding("set", (6,), key=key)
+    # a set-valued simulator trains end to end
+    prior = dist.Normal(jnp.zeros(1), 1.0).to_event(1)
+
+    def iid(k, theta):
+        return theta + jax.random.normal(k, (8, 1))
+
+    est = sbi.train_npe(prior, iid, 200, key=key, embedding="set", embedding_dim=4, max_epochs=2,
+                        **TINY)
+    assert est.posterior(np.zeros((8, 1))).sample(key, 5).shape == (5, 1)
