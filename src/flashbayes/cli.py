@@ -600,6 +600,7 @@ def _register_filter_command() -> None:
 
 
 _register_filter_command()
+app.add_typer(__import__("flashbayes._sbi_cli", fromlist=["app"]).app, name="sbi")
 
 
 def main() -> None:

@@ -1,0 +1,161 @@
+"""`flashbayes sbi simulate | train | sample`: neural posterior estimation on a registered task."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Simulation-based inference: simulate a task, train NPE, sample posteriors.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Usage(Exception):
+    """Bad input from the user."""
+
+
+def _user_errors(fn):
+    """Bad input (ours or the library's refusals) -> one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (_Usage, ValueError, TypeError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _task(name: str):
+    from flashbayes.sbi import tasks
+
+    return tasks.get(name)  # ValueError names the known tasks
+
+
+def _read_observation(path: Path, width: int):
+    """One observation from a CSV: an optional header line, then one row of `width` numbers."""
+    import numpy as np
+
+    if not path.is_file():
+        raise _Usage(f"--observation: expected a CSV file; got {path} (no such file)")
+    rows = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        float(rows[0].split(",")[0]) if rows else None
+    except ValueError:
+        rows = rows[1:]  # a header line
+    if len(rows) != 1:
+        raise _Usage(f"--observation: expected one row of numbers (after an optional header); "
+                     f"got {len(rows)} rows in {path}")
+    try:
+        values = np.array([float(v) for v in rows[0].split(",")])
+    except ValueError as exc:
+        raise _Usage(f"--observation: expected numbers; got {rows[0]!r} in {path}") from exc
+    if values.shape != (width,):
+        raise _Usage(f"--observation: expected {width} values; got {values.size} in {path}")
+    return values
+
+
+@app.command("simulate")
+@_user_errors
+def simulate_cmd(
+        task: Annotated[str, typer.Argument(help="task name (see flashbayes.sbi.tasks)")],
+        n: Annotated[int, typer.Option("--n", help="number of simulations")],
+        out: Annotated[Path, typer.Option(help="simulation file (.npz)")],
+        seed: Annotated[int, typer.Option(help="seed of the prior draws and simulations")] = 0):
+    """Simulate N (theta, x) pairs of TASK into a .npz file (resumed if interrupted)."""
+    from flashbayes.sbi import simulate
+
+    t = _task(task)
+    if n < 1:
+        raise _Usage(f"--n: expected a positive integer; got {n}")
+    sims = simulate(t.prior(), t.simulator, n, seed=seed, out=out, backend="jax")
+    console.print(f"{sims.num_ok} of {n} simulations of {task} ok; written to {out}",
+                  highlight=False)
+
+
+@app.command("train")
+@_user_errors
+def train_cmd(
+        task: Annotated[str, typer.Argument(help="task name (see flashbayes.sbi.tasks)")],
+        simulations: Annotated[int, typer.Option(help="simulation budget")],
+        out: Annotated[Path, typer.Option(help="folder for the estimator (npe.safetensors)")],
+        head: Annotated[str, typer.Option(help="density head: nsf, maf or gmm")] = "nsf",
+        sims_file: Annotated[Path | None, typer.Option(
+            help="train on the first SIMULATIONS of this .npz file instead of simulating")]
+        = None,
+        seed: Annotated[int, typer.Option(help="PRNG seed")] = 0,
+        max_epochs: Annotated[int, typer.Option(help="epoch limit")] = 1000,
+        patience: Annotated[int, typer.Option(help="epochs without improvement before stopping")]
+        = 20):
+    """Train NPE for TASK; the best estimator is kept in OUT/npe.safetensors."""
+    import jax
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from flashbayes.sbi import load_simulations, train_npe
+
+    t = _task(task)
+    if simulations < 2:
+        raise _Usage(f"--simulations: expected an integer >= 2; got {simulations}")
+    if sims_file is not None:
+        if not sims_file.is_file():
+            raise _Usage(f"--sims-file: expected a .npz simulation file; got {sims_file} "
+                         "(no such file)")
+        source, budget = load_simulations(sims_file), simulations
+    else:
+        source, budget = t.simulator, simulations
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
+                        TextColumn("epoch {task.fields[epoch]}  val loss {task.fields[val]}"),
+                        console=err_console, transient=True)
+    with progress:
+        bar = progress.add_task(f"training {task} ({head})", epoch=0, val="-")
+
+        def report(ev):
+            progress.update(bar, epoch=ev.epoch, val=f"{ev.val_loss:.4f}")
+
+        est = train_npe(t.prior(), source, budget, key=jax.random.key(seed), head=head,
+                        max_epochs=max_epochs, patience=patience,
+                        parameter_names=list(t.parameter_names), out_dir=out, callback=report)
+    console.print(f"trained {head} NPE for {task} on {est.config['num_simulations']} "
+                  f"simulations in {est.config['epochs']} epochs (best validation loss "
+                  f"{est.config['best_val_loss']:.4f}); saved to {out}", highlight=False)
+
+
+@app.command("sample")
+@_user_errors
+def sample_cmd(
+        estimator: Annotated[Path, typer.Argument(help="folder or file written by `sbi train`")],
+        observation: Annotated[Path, typer.Option(help="CSV: optional header, one row")],
+        out: Annotated[Path, typer.Option(help="CSV of draws (header: parameter names)")],
+        n: Annotated[int, typer.Option("--n", help="number of draws")] = 10_000,
+        seed: Annotated[int, typer.Option(help="PRNG seed")] = 0):
+    """Draw N posterior samples for one observation into a CSV."""
+    import jax
+    import numpy as np
+
+    from flashbayes.amortized import CheckpointError
+    from flashbayes.sbi import load_npe
+
+    if not estimator.exists():
+        raise _Usage(f"estimator: expected a folder or file from `flashbayes sbi train`; got "
+                     f"{estimator} (no such path)")
+    if n < 1:
+        raise _Usage(f"--n: expected a positive integer; got {n}")
+    try:
+        est = load_npe(estimator)
+    except CheckpointError as exc:
+        raise _Usage(str(exc)) from None
+    if len(est.x_shape) != 1:
+        raise _Usage(f"estimator: expected observations of one dimension; this one takes "
+                     f"shape {est.x_shape}")
+    x_obs = _read_observation(observation, est.x_shape[0])
+    draws = np.asarray(est.posterior(x_obs).sample(jax.random.key(seed), n), np.float64)
+    np.savetxt(out, draws, delimiter=",", header=",".join(est.parameter_names), comments="",
+               fmt="%.9g")
+    console.print(f"{n} draws written to {out}", highlight=False)
