@@ -273,3 +273,17 @@ def test_sir_ode_matches_a_high_accuracy_solve():
         # the tolerance is tight: a contact rate 0.1 % off is caught
         slightly_off = _tasks.sir_infected_fraction(jnp.array([beta * 1.001, gamma], jnp.float32))
         assert np.max(np.abs(1000 * np.asarray(slightly_off) - 1000 * exact)) > 0.05
+
+
+def test_c2st_tells_the_reference_from_a_wrong_posterior_only():
+    # the benchmark's metric on the shared data: exact draws pass, a too-wide posterior fails
+    # (early stopping keeps this test short; the benchmark runs the full protocol)
+    from flashbayes.diagnostics import c2st
+
+    ref = _shared_or_skip(tasks.load_reference_samples, "gaussian_linear", 1)[:1500]
+    x = tasks.load_observation("gaussian_linear", 1)
+    rng = np.random.default_rng(0)
+    exact = x / 2 + np.sqrt(0.05) * rng.standard_normal((1500, 10))
+    too_wide = x / 2 + np.sqrt(0.1) * rng.standard_normal((1500, 10))
+    assert c2st(ref, exact, seed=1, early_stopping=True) < 0.56
+    assert c2st(ref, too_wide, seed=1, early_stopping=True) > 0.6

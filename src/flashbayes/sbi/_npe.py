@@ -408,7 +408,7 @@ def _z_stats(values: np.ndarray, axes: tuple[int, ...]):
 
 
 def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | None = None, *,
-              key: jax.Array, head: Literal["gmm", "nsf", "maf"] = "gmm",
+              key: jax.Array, head: Literal["gmm", "nsf", "maf"] = "nsf",
               embedding: str = "identity", embedding_dim: int = 32, n_components: int = 10,
               hidden: int = 50, flow_layers: int = 5, knots: int = 10,
               validation_fraction: float = 0.1, max_epochs: int = 1000, patience: int = 20,
@@ -425,8 +425,9 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
         num_simulations: the budget (required with a simulator; with stored simulations, the
             first this many successful ones).
         key: PRNG key (simulations, split, initial weights, batches).
-        head: ``"gmm"`` (mixture density network), ``"nsf"`` (neural spline coupling flow) or
-            ``"maf"`` (masked autoregressive flow).
+        head: ``"nsf"`` (neural spline coupling flow, the default), ``"maf"`` (masked
+            autoregressive flow) or ``"gmm"`` (mixture density network giving a `GMM` in the
+            unbounded space; less accurate than the flows at small budgets).
         embedding: ``"identity"``, ``"mlp"``, ``"set"`` or ``"series"`` (see `make_embedding`).
         embedding_dim, n_components, hidden, flow_layers, knots: network sizes.
         validation_fraction: share of the simulations held out for early stopping.
