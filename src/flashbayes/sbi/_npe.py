@@ -159,7 +159,8 @@ def _build_net(config: dict, *, key) -> _Net:
         net_head = ff.coupling_flow(
             k_head, base_dist=fd.Normal(jnp.zeros(dim)), cond_dim=embedding.out_dim,
             transformer=RationalQuadraticSpline(knots=config["knots"], interval=5.0),
-            flow_layers=config["flow_layers"], nn_width=width, nn_depth=2)
+            flow_layers=config["flow_layers"], nn_width=width, nn_depth=2,
+            invert=False)  # measured: sampling twice as fast, log_prob no slower
     else:
         net_head = ff.masked_autoregressive_flow(
             k_head, base_dist=fd.Normal(jnp.zeros(dim)), cond_dim=embedding.out_dim,
