@@ -176,3 +176,19 @@ def test_set_and_series_embeddings():
     est = sbi.train_npe(prior, iid, 200, key=key, embedding="set", embedding_dim=4, max_epochs=2,
                         **TINY)
     assert est.posterior(np.zeros((8, 1))).sample(key, 5).shape == (5, 1)
+
+
+def test_new_observations_do_not_recompile(linear_estimator):
+    from flashbayes.sbi import _npe
+
+    post = linear_estimator.posterior(np.zeros(10))
+    post.sample(jax.random.key(0), 1000)
+    post.log_prob(np.zeros((7, 10)))
+    sample_before = _npe._sample_theta._cached._cache_size()
+    lp_before = _npe._log_prob_theta._cached._cache_size()
+    for i in range(3):
+        other = linear_estimator.posterior(np.full(10, 0.1 * (i + 1)))
+        other.sample(jax.random.key(i), 1000)
+        other.log_prob(np.ones((7, 10)))
+    assert _npe._sample_theta._cached._cache_size() == sample_before
+    assert _npe._log_prob_theta._cached._cache_size() == lp_before
