@@ -29,6 +29,9 @@ def test_every_predictive_task_generic(name):
     p2 = task.sample_problem(jax.random.key(3), n=task.n_min, n_query=2)
     np.testing.assert_array_equal(p1.context_y, p2.context_y)
     assert p1.context_x.shape == (task.n_min, task.x_dim) and p1.query_y.shape == (2,)
+    # every row of a user's problem is a real draw (no padding left in)
+    full = task.sample_problem(jax.random.key(4), n=task.n_max, n_query=2)
+    assert np.all(np.any(full.context_x != 0, axis=1)) and np.all(full.context_y != 0)
     cx, cy, qx = task.validate(p1.context_x, p1.context_y, p1.query_x)
     assert cx.shape == p1.context_x.shape
     with pytest.raises(ValueError, match="expected shape"):

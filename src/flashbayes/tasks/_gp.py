@@ -210,10 +210,11 @@ class GPHyperprior(PredictiveTask):
         return gp_predict(self.kernel, hyper, x, y, query_x, mask, jitter=self.jitter)
 
     # -- data sets ----------------------------------------------------------------------------
-    def _one(self, key: Array, n_query: int):
+    def _one(self, key: Array, n_query: int, n: int | None = None):
         kh, kn, kx, kq, kz = jax.random.split(key, 5)
         hyper = self.sample_hyper(kh)
-        n = jax.random.randint(kn, (), self.n_min, self.n_max + 1)
+        if n is None:
+            n = jax.random.randint(kn, (), self.n_min, self.n_max + 1)
         cx = jax.random.uniform(kx, (self.n_max, self.x_dim))
         qx = jax.random.uniform(kq, (n_query, self.x_dim))
         allx = jnp.concatenate([cx, qx], 0)
@@ -247,9 +248,8 @@ class GPHyperprior(PredictiveTask):
             raise ValueError(f"n: expected an integer in {self.n_min}..{self.n_max}; got {n!r}")
         if int(n_query) != n_query or n_query < 1:
             raise ValueError(f"n_query: expected a positive integer; got {n_query!r}")
-        b = self._one(key, int(n_query))
         n = int(n)
-        # the first n padded rows are the data set's own draws
+        b = self._one(key, int(n_query), n)
         return PredictiveProblem(
             context_x=np.asarray(b.context_x)[:n].astype(np.float64),
             context_y=np.asarray(b.context_y)[:n].astype(np.float64),
