@@ -20,7 +20,7 @@ import numpy as np
 
 from flashbayes import tasks
 from flashbayes.amortized import TrainConfig, fit_network, request_cpu_devices
-from flashbayes.amortized._pfn import PFN, PFNConfig, pfn_loss, prior_borders
+from flashbayes.amortized._pfn import PFN, PFNConfig, load_pfn, pfn_loss, prior_borders
 
 
 def main(argv=None):
@@ -42,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--devices", type=int, default=1, help="data-parallel CPU devices")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from the weights (and borders) of this PFN checkpoint")
     args = ap.parse_args(argv)
     if args.devices > 1:
         request_cpu_devices(args.devices)
@@ -49,15 +51,22 @@ def main(argv=None):
     task = tasks.get_predictive("gp_hyperprior", kernel=args.kernel, x_dim=args.x_dim)
     key = jax.random.key(args.seed)
     k_borders, k_net, k_train = jax.random.split(key, 3)
-    borders = prior_borders(task, k_borders, args.buckets)
-    cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
-                    n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio)
-    net = PFN(cfg, key=k_net)
+    if args.init is not None:
+        net, init_header = load_pfn(args.init)
+        cfg = net.config
+    else:
+        borders = prior_borders(task, k_borders, args.buckets)
+        cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
+                        n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio)
+        net = PFN(cfg, key=k_net)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
                        log_every=25, weight_decay=0.0)
     header = {"kind": "pfn", "task": task.name, "task_params": tasks.task_params(task),
-              "model_config": cfg.to_dict(), "n_query": args.n_query}
+              "model_config": cfg.to_dict(), "n_query": args.n_query,
+              "init": None if args.init is None else {
+                  "path": str(args.init), "step": init_header["step"],
+                  "train_config": init_header["train_config"]}}
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "progress.jsonl", "a")
     t0 = time.time()

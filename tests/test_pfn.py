@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flashbayes as fb
-from flashbayes.amortized._pfn import PFN, PFNConfig, pfn_loss
+from flashbayes.amortized._pfn import PFN, PFNConfig, load_pfn, pfn_loss, prior_borders
 
 
 def _net(seed=0, layers=2):
@@ -86,3 +86,23 @@ def test_config_validation_and_round_trip():
         PFNConfig(x_dim=1, borders=(0.0, 1.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="multiple of n_heads"):
         PFNConfig(x_dim=1, borders=tuple(np.linspace(-1, 1, 5)), d_model=30, n_heads=4)
+
+
+def test_checkpoint_round_trip_through_fit_network(tmp_path):
+    task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
+    borders = prior_borders(task, jax.random.key(0), 8, n_samples=2000)
+    cfg = PFNConfig(x_dim=1, borders=tuple(borders), d_model=16, n_layers=1)
+    net = PFN(cfg, key=jax.random.key(1))
+    tcfg = fb.TrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=3)
+    fitted, _ = fb.amortized.fit_network(
+        net, pfn_loss, lambda k, b: task.sample_batch(k, b, n_query=3), tcfg,
+        key=jax.random.key(2), out_dir=tmp_path, header={"kind": "pfn", "model_config":
+                                                         cfg.to_dict()})
+    loaded, header = load_pfn(tmp_path / "ckpt_00000003.safetensors")
+    assert header["step"] == 3 and loaded.config == cfg
+    cx, cy, cm, qx = (jnp.array([[0.2], [0.6]]), jnp.array([0.3, -0.1]), jnp.ones(2, bool),
+                      jnp.array([[0.4]]))
+    np.testing.assert_array_equal(np.asarray(loaded(cx, cy, cm, qx)),
+                                  np.asarray(fitted(cx, cy, cm, qx)))
+    # the trained head is no longer the zero head
+    assert np.any(np.asarray(loaded.head.bias) != 0)
