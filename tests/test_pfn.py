@@ -106,3 +106,21 @@ def test_checkpoint_round_trip_through_fit_network(tmp_path):
                                   np.asarray(fitted(cx, cy, cm, qx)))
     # the trained head is no longer the zero head
     assert np.any(np.asarray(loaded.head.bias) != 0)
+
+
+def test_predictor_pads_validates_and_refuses_out_of_range():
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
+    net = _net()
+    model = PFNPredictor(net, task)
+    cx, cy, cm, qx = _data(n=7, m=5)
+    pred = model.predictive(np.asarray(cx), np.asarray(cy), np.asarray(qx))
+    np.testing.assert_allclose(np.asarray(pred.logits), np.asarray(net(cx, cy, cm, qx)),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="trained on 1..10 context points; got 11"):
+        model.predictive(np.full((11, 2), 0.5), np.zeros(11), np.asarray(qx))
+    with pytest.raises(ValueError, match=r"inputs in \[0.0, 1.0\]"):
+        model.predictive(np.asarray(cx), np.asarray(cy), np.full((1, 2), 1.5))
+    with pytest.raises(ValueError, match="expected shape"):
+        model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))

@@ -220,3 +220,66 @@ def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
     params, static = eqx.partition(net, eqx.is_array)
     params = load_tree(path, "params", params)
     return eqx.combine(params, static), header
+
+
+class PFNPredictor:
+    """A trained PFN with its task: `predictive(context_x, context_y, query_x)` for users.
+
+    Inputs are validated (shapes (n, D), (n,), (m, D), finite values); a context larger than the
+    training range, or inputs outside the training box, raise a ValueError that says so (use the
+    NUTS reference `flashbayes.reference.gp_nuts` there). The context is padded to the task's
+    `n_max` and the queries to a size bucket, so few programs are compiled.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> import flashbayes as fb
+        >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=8)
+        >>> cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 11)), d_model=16,
+        ...                 n_layers=1)
+        >>> model = PFNPredictor(PFN(cfg, key=jax.random.key(0)), task)
+        >>> pred = model.predictive([[0.1], [0.5]], [0.3, -0.2], [[0.2], [0.9], [0.4]])
+        >>> pred.log_prob(np.zeros(3)).shape, pred.sample(jax.random.key(1), 4).shape
+        ((3,), (4, 3))
+    """
+
+    def __init__(self, network: PFN, task):
+        if network.config.x_dim != task.x_dim:
+            raise ValueError(f"network: expected x_dim {task.x_dim} for the task; got "
+                             f"{network.config.x_dim}")
+        self.network, self.task = network, task
+        self._run = eqx.filter_jit(lambda net, cx, cy, cm, qx: net(cx, cy, cm, qx))
+
+    def out_of_range(self, context_x: np.ndarray, query_x: np.ndarray) -> str:
+        """Why a validated problem lies outside what the network was trained on ("" if not)."""
+        t, cfg = self.task, self.network.config
+        n = context_x.shape[0]
+        if not t.n_min <= n <= t.n_max:
+            return (f"context: the model was trained on {t.n_min}..{t.n_max} context points; "
+                    f"got {n}")
+        for name, x in (("context_x", context_x), ("query_x", query_x)):
+            if x.size and (x.min() < cfg.x_low or x.max() > cfg.x_high):
+                return (f"{name}: the model was trained on inputs in [{cfg.x_low}, {cfg.x_high}]"
+                        f"^{cfg.x_dim}; got values in [{x.min():.3g}, {x.max():.3g}]")
+        return ""
+
+    def predictive(self, context_x, context_y, query_x) -> BarDistribution:
+        """The posterior predictive of y* at each query point: a bar distribution with batch
+        shape (m,) (`log_prob(y) -> (m,)`, `sample(key, k) -> (k, m)`, `mean()`,
+        `quantile(q)`)."""
+        from flashbayes._padding import size_bucket
+
+        cx, cy, qx = self.task.validate(context_x, context_y, query_x)
+        why = self.out_of_range(cx, qx)
+        if why:
+            raise ValueError(f"{why}: outside the training range of this model; use the NUTS "
+                             f"reference (flashbayes.reference.gp_nuts) instead")
+        n, m, d = cx.shape[0], qx.shape[0], self.task.x_dim
+        width, mq = self.task.n_max, size_bucket(m)
+        xp = np.zeros((width, d), np.float32)
+        yp = np.zeros(width, np.float32)
+        xp[:n], yp[:n] = cx, cy
+        qp = np.zeros((mq, d), np.float32)
+        qp[:m] = qx
+        logits = self._run(self.network, jnp.asarray(xp), jnp.asarray(yp),
+                           jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
+        return BarDistribution(jnp.asarray(self.network.config.borders, logits.dtype), logits)
