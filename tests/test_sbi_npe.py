@@ -192,3 +192,22 @@ def test_new_observations_do_not_recompile(linear_estimator):
         other.log_prob(np.ones((7, 10)))
     assert _npe._sample_theta._cached._cache_size() == sample_before
     assert _npe._log_prob_theta._cached._cache_size() == lp_before
+
+
+def test_positive_support_and_theta_outside_the_support():
+    # a log-normal prior: draws stay positive, the density is -inf at or below zero
+    prior = dist.LogNormal(jnp.zeros(2), 0.5).to_event(1)
+
+    def simulator(key, theta):
+        return jnp.log(theta) + 0.3 * jax.random.normal(key, (2,))
+
+    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(11), max_epochs=2, **TINY)
+    assert est.support["kind"] == "greater_than"
+    post = est.posterior(np.zeros(2))
+    assert bool(jnp.all(post.sample(jax.random.key(12), 5000) > 0))
+    lp = post.log_prob(jnp.array([[-1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert np.isneginf(lp[:2]).all() and np.isfinite(lp[2])
+    theta = np.abs(np.random.default_rng(0).normal(size=(50, 2)))
+    theta[3, 1] = -0.5
+    with pytest.raises(ValueError, match="1 rows outside"):
+        sbi.train_npe(prior, (theta, np.log(np.abs(theta))), key=jax.random.key(0), **TINY)
