@@ -55,7 +55,14 @@ def main(argv=None):
     ap.add_argument("--nuts-warmup", type=int, default=500)
     ap.add_argument("--nuts-samples", type=int, default=500)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of NLPD against n")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="re-plot / re-tabulate a previous run's JSON instead of running")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        rows = json.loads(args.from_json.read_text())["rows"]
+        args.ns = sorted({r["n"] for r in rows})
+        return report(rows, args)
 
     task = tasks.get_predictive("gp_hyperprior")
     predict_pfn = None
@@ -95,6 +102,10 @@ def main(argv=None):
                 row[name + "_seconds"] = secs[name]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return report(rows, args)
+
+
+def report(rows, args):
     methods = [m for m in METHODS if m in rows[0]]
     summary = {}
     for n in args.ns:
@@ -129,6 +140,32 @@ def main(argv=None):
             {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
              "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(table + "\n")
+    if args.plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = list(summary)
+        for m in methods:
+            if m == "nuts":
+                continue
+            gaps = [np.array([r[m] - r["nuts"] for r in rows if r["n"] == n]) for n in ns]
+            ax.errorbar(ns, [g.mean() for g in gaps],
+                        yerr=[g.std(ddof=1) / np.sqrt(len(g)) for g in gaps], marker="o",
+                        capsize=3, label=m)
+        ax.axhline(0.0, color="k", lw=0.8, label="nuts (Bayes-optimal)")
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_xlabel("context points n")
+        ax.set_ylabel("NLPD minus NUTS NLPD (nats per point)")
+        ax.set_title(f"gp_hyperprior, {len(rows) // len(ns)} data sets per n")
+        ax.legend()
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+    return summary
 
 
 if __name__ == "__main__":
