@@ -33,6 +33,9 @@ SECTIONS = [
     ("serve_load.md", "The posterior service under load",
      "From `python benchmarks/serve_load.py` (`benchmarks/results/serve_load.json`); see "
      "docs/service.md."),
+    ("scaling.md", "Data-parallel training",
+     "From `python benchmarks/scaling.py` (`benchmarks/results/scaling.json`); see "
+     "docs/scaling.md."),
     ("simulation_scaling.md", "Simulations on 1 and 2 workers",
      "From `python benchmarks/simulation_scaling.py` "
      "(`benchmarks/results/simulation_scaling.json`); see docs/scaling.md."),

@@ -197,12 +197,44 @@ def _two_processes(common: list[str]) -> dict:
     return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
+def _render(result: dict) -> str:
+    """The markdown table (and fills in the derived columns of `result`)."""
+    rows, cores = result["rows"], result["cores"]
+    base = rows["1 device"]["samples_per_s"]
+    for r in rows.values():
+        # one device's program runs mostly on one core, so N devices can use min(N, cores)
+        r["ideal_samples_per_s"] = base * min(r["devices"], cores)
+        r["ratio_to_ideal"] = r["samples_per_s"] / r["ideal_samples_per_s"]
+        r["comm_fraction"] = r["allreduce_s"] / r["step_s"]
+    lines = [f"Training step of the shipped DT configuration ({result['n_params']:,} parameters, "
+             f"batch {result['batch_size']}, {result['flops_per_step'] / 1e9:.2f} GFLOP per "
+             f"step), best of {result['rounds']} interleaved rounds of {result['steps']} steps. "
+             f"All devices share {cores} CPU cores, so the ideal for N devices is min(N, {cores}) "
+             "times the one-device throughput.", "",
+             "| setting | samples/s | step | ideal samples/s | ratio to ideal | all-reduce of "
+             "the gradient | share of the step |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['samples_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} ms | "
+                     f"{r['ideal_samples_per_s']:,.0f} | {r['ratio_to_ideal']:.2f} | "
+                     f"{r['allreduce_s'] * 1e3:.3f} ms | {r['comm_fraction']:.1%} |")
+    lines.append("")
+    lines.append("Step times of every round (ms): " + "; ".join(
+        f"{name} {', '.join(f'{t * 1e3:.0f}' for t in r['all_step_s'])}"
+        for name, r in rows.items()) + ".")
+    est, est_lines = _gp_estimate(result["gp_pfn"])
+    result["gp_8gpu_estimate"] = est
+    lines += est_lines
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2,
                         help="each setting runs this many times, interleaved; the best counts")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the table from benchmarks/results/scaling.json, no runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -215,6 +247,16 @@ def main():
     if args.worker:
         print(json.dumps(_gp_worker(args) if args.gp else _worker(args)))
         return
+    if args.render:
+        sys.path.insert(0, str(BENCH.parent))
+        from _docs import RESULTS, save
+
+        result = json.loads((RESULTS / "scaling.json").read_text())
+        result.setdefault("cores", os.cpu_count())
+        md = _render(result)
+        save("scaling", result, md)
+        print(md)
+        return
     common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     four = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     runs: dict[str, list[dict]] = {}
@@ -226,34 +268,17 @@ def main():
     rows = {name: dict(min(rs, key=lambda r: r["step_s"]), all_step_s=[r["step_s"] for r in rs])
             for name, rs in runs.items()}
     gp = _run(["--gp", "--steps", str(args.steps)], _env())
-    base = rows["1 device"]["samples_per_s"]
-    for r in rows.values():
-        r["ratio_to_ideal"] = r["samples_per_s"] / base
-        r["comm_fraction"] = r["allreduce_s"] / r["step_s"]
-
     sys.path.insert(0, str(BENCH.parent))
     import jax
+
+    result = {"machine": f"{os.cpu_count()} CPUs", "cores": os.cpu_count(),
+              "jax": jax.__version__, "steps": args.steps, "batch_size": args.batch_size,
+              "rows": rows, "flops_per_step": rows["1 device"]["flops_per_step"],
+              "n_params": rows["1 device"]["n_params"], "rounds": args.rounds, "gp_pfn": gp,
+              "load_average_at_end": os.getloadavg()[0]}
+    md = _render(result)
     from _docs import save
 
-    result = {"machine": f"{os.cpu_count()} CPUs", "jax": jax.__version__,
-              "steps": args.steps, "batch_size": args.batch_size, "rows": rows,
-              "flops_per_step": rows["1 device"]["flops_per_step"],
-              "n_params": rows["1 device"]["n_params"], "rounds": args.rounds, "gp_pfn": gp}
-    lines = [f"Training step of the shipped DT configuration ({result['n_params']:,} parameters, "
-             f"batch {args.batch_size}, {result['flops_per_step'] / 1e9:.2f} GFLOP per step); "
-             f"{os.cpu_count()} CPU cores shared by all devices, so the ideal is the one-device "
-             "throughput.", "",
-             "| setting | samples/s | step | ratio to ideal | all-reduce of the gradient "
-             "| share of the step |", "|---|---|---|---|---|---|"]
-    lines[0] += f" Best of {args.rounds} interleaved rounds."
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['samples_per_s']:,.0f} | {r['step_s'] * 1e3:.1f} ms | "
-                     f"{r['ratio_to_ideal']:.2f} | {r['allreduce_s'] * 1e3:.3f} ms | "
-                     f"{r['comm_fraction']:.1%} |")
-    est, est_lines = _gp_estimate(gp)
-    result["gp_8gpu_estimate"] = est
-    lines += est_lines
-    md = "\n".join(lines) + "\n"
     save("scaling", result, md)
     print(md)
 
