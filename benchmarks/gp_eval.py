@@ -56,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--nuts-samples", type=int, default=500)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of NLPD against n")
+    ap.add_argument("--latency", action="store_true",
+                    help="only time the PFN (50 context points, 100 queries) and warm NUTS")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="re-plot / re-tabulate a previous run's JSON instead of running")
     args = ap.parse_args(argv)
@@ -70,6 +72,8 @@ def main(argv=None):
         net, header = load_pfn(args.checkpoint)
         task = tasks.get_predictive(header["task"], **header["task_params"])
         predict_pfn = pfn_predictive(net, task)
+    if args.latency:
+        return latency(net, task, args)
     rows = []
     key = jax.random.key(args.seed)
     for n in args.ns:
@@ -103,6 +107,39 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     return report(rows, args)
+
+
+def latency(net, task, args, repeats=200):
+    """Median wall time of one predictive call (50 context points, 100 queries) of the PFN
+    (through PFNPredictor, validation and padding included) and of warm NUTS, side by side."""
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    model = PFNPredictor(net, task)
+    p = task.sample_problem(jax.random.key(args.seed), n=50, n_query=100)
+    jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x).logits)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x).logits)
+        times.append(time.perf_counter() - t)
+    pfn = float(np.median(times))
+    nuts_times = []
+    for i in range(4):  # the first call compiles; the others are warm
+        t = time.perf_counter()
+        pred = gp_nuts(jax.random.key(i), task, p.context_x, p.context_y, p.query_x,
+                       num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, warn=False)
+        jax.block_until_ready(pred.means)
+        nuts_times.append(time.perf_counter() - t)
+    nuts = float(np.median(nuts_times[1:]))
+    out = {"pfn_seconds_median": pfn, "nuts_warm_seconds_median": nuts,
+           "speedup": nuts / pfn, "context": 50, "queries": 100,
+           "nuts": {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples,
+                    "num_chains": 4}}
+    print(json.dumps(out))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 def report(rows, args):
