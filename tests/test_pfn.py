@@ -124,3 +124,12 @@ def test_predictor_pads_validates_and_refuses_out_of_range():
         model.predictive(np.asarray(cx), np.asarray(cy), np.full((1, 2), 1.5))
     with pytest.raises(ValueError, match="expected shape"):
         model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))
+
+
+def test_load_pfn_refuses_other_checkpoints(tmp_path):
+    from flashbayes.amortized._checkpoint import CheckpointError, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "other.safetensors", {"kind": "dt"},
+                           {"params": {"w": jnp.zeros(2)}})
+    with pytest.raises(CheckpointError, match="expected a PFN checkpoint"):
+        load_pfn(path)
