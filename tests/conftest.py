@@ -1,7 +1,19 @@
-import jax
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-import flashbayes as fb
+# One fresh persistent compilation cache for this test session (and the processes it starts),
+# so that programs compiled by other jobs on the machine are never read back into the tests.
+if "FLASHBAYES_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="flashbayes-test-cache-")
+    os.environ["FLASHBAYES_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import flashbayes as fb  # noqa: E402
 
 
 @pytest.fixture(scope="session")
