@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from flashbayes.amortized._checkpoint import CheckpointError, load_tree, read_header
-from flashbayes.amortized._dt import ConfigDict
+from flashbayes.amortized._dt import _MLP, ConfigDict
 from flashbayes.distributions._bar import BarDistribution, bar_borders
 
 
@@ -75,19 +75,6 @@ class PFNConfig(ConfigDict):
         b = np.asarray(self.borders)
         k = self.n_buckets
         return float(b[k // 2]), float((b[(3 * k) // 4] - b[k // 4]) / 1.349)
-
-
-class _MLP(eqx.Module):
-    layers: list
-
-    def __init__(self, sizes: list[int], *, key: Array):
-        keys = jax.random.split(key, len(sizes) - 1)
-        self.layers = [eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
-
-    def __call__(self, x):
-        for layer in self.layers[:-1]:
-            x = jax.nn.gelu(layer(x))
-        return self.layers[-1](x)
 
 
 class _Block(eqx.Module):

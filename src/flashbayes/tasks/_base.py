@@ -20,26 +20,34 @@ from flashbayes.distributions import GMM
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 
-def register(name: str):
-    """Class decorator adding a task factory to the registry under `name`."""
+def recording_registry(registry: dict, what: str):
+    """A class decorator factory adding classes to `registry`; each instance remembers the
+    keyword arguments it was built with (see `task_params`)."""
 
-    def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"task {name!r} is already registered")
-        init = cls.__init__
+    def register(name: str):
+        def deco(cls):
+            if name in registry:
+                raise ValueError(f"{what} {name!r} is already registered")
+            init = cls.__init__
 
-        @functools.wraps(init)
-        def recording_init(self, **params):
-            init(self, **params)
-            if not hasattr(self, "_params"):  # the outermost constructor records its arguments
-                self._params = params
+            @functools.wraps(init)
+            def recording_init(self, **params):
+                init(self, **params)
+                if not hasattr(self, "_params"):  # the outermost constructor records them
+                    self._params = params
 
-        cls.__init__ = recording_init
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
+            cls.__init__ = recording_init
+            registry[name] = cls
+            cls.name = name
+            return cls
 
-    return deco
+        return deco
+
+    return register
+
+
+register = recording_registry(_REGISTRY, "task")
+register.__doc__ = "Class decorator adding a task factory to the registry under `name`."
 
 
 def get(name: str, **params: Any) -> Task:

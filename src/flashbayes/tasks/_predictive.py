@@ -8,7 +8,6 @@ These tasks have no parameter vector with a GMM prior, so they sit in their own 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,29 +15,13 @@ import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from flashbayes.tasks._base import recording_registry
+
 _PREDICTIVE: dict[str, Callable[..., PredictiveTask]] = {}
 
 
-def register_predictive(name: str):
-    """Class decorator adding a predictive task to its registry under `name`."""
-
-    def deco(cls):
-        if name in _PREDICTIVE:
-            raise ValueError(f"predictive task {name!r} is already registered")
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def recording_init(self, **params):
-            init(self, **params)
-            if not hasattr(self, "_params"):
-                self._params = params
-
-        cls.__init__ = recording_init
-        _PREDICTIVE[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+register_predictive = recording_registry(_PREDICTIVE, "predictive task")
+register_predictive.__doc__ = "Class decorator adding a predictive task to its registry."
 
 
 def get_predictive(name: str, **params: Any) -> PredictiveTask:
