@@ -1,14 +1,10 @@
-import atexit
 import os
-import shutil
-import tempfile
 
-# One fresh persistent compilation cache for this test session (and the processes it starts),
-# so that programs compiled by other jobs on the machine are never read back into the tests.
-if "FLASHBAYES_CACHE_DIR" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="flashbayes-test-cache-")
-    os.environ["FLASHBAYES_CACHE_DIR"] = _cache
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# The tests run without JAX's persistent compilation cache (here and in the processes they start):
+# serialising some executables to it has crashed the interpreter (a segmentation fault inside
+# jax's compilation_cache.put_executable_and_time) in long sessions. The cache itself is tested on
+# its own folder in test_reference.py.
+os.environ.setdefault("FLASHBAYES_CACHE_DIR", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
