@@ -27,7 +27,10 @@ from flashbayes.amortized._checkpoint import read_header
 from flashbayes.cli import app
 
 HERE = Path(__file__).parent
-PARAM_TOL = 1e-4  # float32 Adam steps: reduction order differs between device counts
+# float32 Adam: the reduction order differs between device counts, and where a gradient entry is
+# near zero that moves m / sqrt(v), so a single weight may differ by ~1e-4 after a few steps.
+# Weights are therefore compared as one vector: |p - p_ref| / |p_ref| (Euclidean norms).
+PARAM_TOL = 1e-4
 LOSS_TOL = 1e-5
 
 
@@ -37,11 +40,15 @@ def _env(**extra) -> dict:
     return env
 
 
+def _weights_agree(p, r) -> bool:
+    p, r = np.asarray(p), np.asarray(r)
+    return bool(np.linalg.norm(p - r) <= PARAM_TOL * np.linalg.norm(r))
+
+
 def _agrees(run: dict, ref: dict) -> bool:
-    p, r = np.asarray(run["params"]), np.asarray(ref["params"])
     n = len(run["loss"])
     loss_ok = np.allclose(run["loss"], ref["loss"][-n:], rtol=LOSS_TOL, atol=0)
-    return bool(loss_ok and np.max(np.abs(p - r)) <= PARAM_TOL)
+    return bool(loss_ok and _weights_agree(run["params"], ref["params"]))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,9 @@ def test_resume_on_another_device_count_equals_uninterrupted(four_devices):
 
 
 def test_the_equality_check_fails_when_devices_draw_the_same_slice(four_devices):
-    assert not _agrees(four_devices["duplicated_slices"], four_devices["1"])
+    bad, ref = four_devices["duplicated_slices"], four_devices["1"]
+    assert not _agrees(bad, ref)
+    assert not _weights_agree(bad["params"], ref["params"])  # the weights alone show it too
 
 
 def _free_port() -> int:
@@ -118,7 +127,7 @@ def one_device(tmp_path_factory) -> Path:
 
 def _check_same(run: Path, ref: Path) -> None:
     a, b = fb.load(run / "model.safetensors"), fb.load(ref / "model.safetensors")
-    assert np.max(np.abs(_flat(a) - _flat(b))) <= PARAM_TOL
+    assert _weights_agree(_flat(a), _flat(b))
     for name in ("ckpt_00000002.safetensors", "ckpt_00000004.safetensors"):
         ha, hb = read_header(run / name), read_header(ref / name)
         assert np.isclose(ha["loss"], hb["loss"], rtol=LOSS_TOL, atol=0), name
