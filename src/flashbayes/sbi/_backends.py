@@ -72,9 +72,16 @@ def run_processes(simulator, takes_rng: bool, theta: np.ndarray, seed: int,
                 while todo and len(inflight) < window:
                     chunk = todo.popleft()
                     c, a, b = chunk
-                    fut = pool.submit(run_python_chunk, simulator, takes_rng, theta[a:b], seed,
-                                      a, x_shape)
+                    try:
+                        fut = pool.submit(run_python_chunk, simulator, takes_rng, theta[a:b],
+                                          seed, a, x_shape)
+                    except BrokenProcessPool:  # a process died meanwhile; not this chunk's fault
+                        todo.appendleft(chunk)
+                        broken = True
+                        break
                     inflight[fut] = chunk
+                if broken and not inflight:
+                    break
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: inflight[f][0]):
                     chunk = inflight.pop(fut)
