@@ -18,6 +18,8 @@ from flashbayes.sbi import tasks
 from flashbayes.sbi._backends import ChunkFailed
 from flashbayes.sbi._npe import NPEEstimator, NPEEvent, NPEPosterior, load_npe, train_npe
 from flashbayes.sbi._simulate import SimulationEvent, Simulations, load_simulations, simulate
+from flashbayes.sbi._swap import PriorSwapError, SwappedPosterior, prior_swap
 
-__all__ = ["ChunkFailed", "NPEEstimator", "NPEEvent", "NPEPosterior", "SimulationEvent",
-           "Simulations", "load_npe", "load_simulations", "simulate", "tasks", "train_npe"]
+__all__ = ["ChunkFailed", "NPEEstimator", "NPEEvent", "NPEPosterior", "PriorSwapError",
+           "SimulationEvent", "Simulations", "SwappedPosterior", "load_npe", "load_simulations",
+           "prior_swap", "simulate", "tasks", "train_npe"]
