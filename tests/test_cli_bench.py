@@ -46,3 +46,41 @@ def test_bench_posteriordb_rejects_unknown_names(shared, tmp_path):
            "--out", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def sbibm_data():
+    try:
+        shared_benchmarks_dir("sbibm")
+    except SharedDataMissing as exc:
+        pytest.skip(f"sbibm reference data not found: {exc}")
+
+
+def _bench_sbibm(out, *extra):
+    cmd = [sys.executable, "-m", "flashbayes", "bench", "sbibm", "--tasks", "gaussian_linear",
+           "--budgets", "1000", "--observations", "1", "--max-epochs", "3", "--c2st-draws", "400",
+           "--c2st-early-stopping", "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_bench_sbibm_writes_table_beside_published_and_resumes(sbibm_data, tmp_path):
+    res = _bench_sbibm(tmp_path)
+    assert res.returncode == 0, res.stderr
+    row = json.loads((tmp_path / "sbibm.json").read_text())["rows"][0]
+    assert row["task"] == "gaussian_linear" and row["budget"] == 1000
+    assert 0.5 <= row["c2st_mean"] <= 1.0 and row["observations"][0]["finite"]
+    # the paper's NPE and SNPE on observation 1 at 10^3 simulations (main_paper.csv)
+    assert row["published_npe"] == pytest.approx(0.707, abs=0.001)
+    assert row["published_snpe"] is not None and 0.5 < row["published_snpe"] < 1.0
+    assert "| gaussian_linear | 1000 |" in (tmp_path / "sbibm.md").read_text()
+    res = _bench_sbibm(tmp_path)  # the journal holds the pair: nothing is trained again
+    assert res.returncode == 0 and "running gaussian_linear" not in res.stderr, res.stderr
+
+
+def test_bench_sbibm_refuses_bad_options(tmp_path):
+    res = _bench_sbibm(tmp_path, "--tasks", "two_moons")
+    assert res.returncode != 0 and "tasks: expected names from" in res.stderr + res.stdout
+    res = _bench_sbibm(tmp_path, "--budgets", "1e3")
+    assert res.returncode != 0 and "--budgets: expected comma-separated integers" in (
+        res.stderr + res.stdout)

@@ -464,6 +464,59 @@ def bench_posteriordb(
     console.print(f"written to {out / 'posteriordb.json'} and {out / 'posteriordb.md'}")
 
 
+@bench_app.command("sbibm")
+@_user_errors
+def bench_sbibm(
+        tasks: Annotated[str | None, typer.Option(
+            help="comma-separated sbibm tasks (default: all six)")] = None,
+        budgets: Annotated[str, typer.Option(
+            help="comma-separated simulation budgets")] = "1000,10000,100000",
+        head: Annotated[str, typer.Option(help="NPE head: nsf, maf or gmm")] = "maf",
+        observations: Annotated[str, typer.Option(
+            help="comma-separated observation numbers (1..10)")] = "1,2,3,4,5",
+        max_epochs: Annotated[int, typer.Option(help="training epochs at most")] = 1000,
+        c2st_draws: Annotated[int, typer.Option(help="draws of each set in the C2ST")] = 10_000,
+        c2st_early_stopping: Annotated[bool, typer.Option(
+            help="stop each C2ST classifier on a validation split (fast; not the published "
+                 "protocol)")] = False,
+        seed: Annotated[int, typer.Option(help="training seed of the first pair")] = 20261123,
+        out: Annotated[Path, typer.Option(help="folder for sbibm.json and .md")] = Path(".")):
+    """NPE on the sbibm tasks: C2ST against the reference posteriors beside published results.
+
+    One amortized network per task and budget serves every observation. Finished pairs are kept
+    in OUT/sbibm.journal.jsonl; a rerun with the same options continues where it stopped.
+    """
+    from flashbayes.benchmarks import _sbibm_bench as bench
+    from flashbayes.sbi import tasks as sbi_tasks
+
+    def ints(text: str, what: str) -> list[int]:
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise UsageError(f"--{what}: expected comma-separated integers; got {text!r}") from exc
+
+    chosen = sbi_tasks.names() if tasks is None else [
+        t.strip() for t in tasks.split(",") if t.strip()]
+    if head not in ("nsf", "maf", "gmm"):
+        raise UsageError(f"--head: expected nsf, maf or gmm; got {head!r}")
+    if not out.is_dir():
+        raise UsageError(f"--out: expected an existing folder; got {out}")
+    try:
+        result = bench.run(chosen, ints(budgets, "budgets"), head=head,
+                           observations=ints(observations, "observations"),
+                           max_epochs=max_epochs, c2st_draws=c2st_draws,
+                           early_stopping=c2st_early_stopping, seed=seed,
+                           journal=out / "sbibm.journal.jsonl",
+                           progress=lambda m: err_console.print(f"running {m}"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    (out / "sbibm.json").write_text(json.dumps(result, indent=1))
+    table = bench.markdown(result)
+    (out / "sbibm.md").write_text(table)
+    console.print(table, highlight=False, soft_wrap=True)
+    console.print(f"written to {out / 'sbibm.json'} and {out / 'sbibm.md'}")
+
+
 @app.command("eval")
 @_user_errors
 def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="checkpoint file or pretrained name")],

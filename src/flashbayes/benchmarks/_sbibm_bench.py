@@ -1,0 +1,162 @@
+"""NPE on the sbibm tasks: C2ST against the reference posteriors, beside the published results.
+
+For each task and budget one estimator is trained (single round, amortized: one network serves
+every observation) with `fb.sbi.train_npe` on the task's prior and simulator; for each
+observation its draws are compared with the reference draws by C2ST (`fb.diagnostics.c2st`:
+z-scored on the reference, MLP with two hidden layers of 10 d, 5-fold cross-validation). The
+published columns are the means over the same observations of the paper's NPE and SNPE runs
+(`main_paper.csv`; for gaussian_mixture the authors' rerun with the fixed simulator). Finished
+(task, budget) pairs are appended to a journal, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+SEED = 20261123
+BUDGET_LABELS = {1000: "10³", 10_000: "10⁴", 100_000: "10⁵"}
+
+
+def published(task: str, budget: int, observations: Sequence[int],
+              algorithm: str = "NPE") -> float | None:
+    """Mean published C2ST of `algorithm` over the given observations (None where absent)."""
+    from flashbayes._shared import shared_benchmarks_dir
+
+    label = BUDGET_LABELS.get(budget)
+    if label is None:
+        return None
+    folder = shared_benchmarks_dir("sbibm") / "published_results"
+    rerun = task == "gaussian_mixture" and algorithm == "NPE"
+    fname = "gaussian_mixture_rerun.csv" if rerun else "main_paper.csv"
+    with open(folder / fname, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)
+                if r["task"] == task and r["algorithm"] == algorithm
+                and r["num_simulations"] == label and int(r["num_observation"]) in observations]
+    return float(np.mean([float(r["C2ST"]) for r in rows])) if rows else None
+
+
+def run_one(task_name: str, budget: int, *, head: str, observations: Sequence[int],
+            max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool) -> dict:
+    """Train on `budget` simulations of one task and score every observation."""
+    import flashbayes as fb
+
+    task = fb.sbi.tasks.get(task_name)
+    t0 = time.perf_counter()
+    est = fb.sbi.train_npe(task.prior(), task.simulator, budget, key=jax.random.key(seed),
+                           head=head, max_epochs=max_epochs,
+                           parameter_names=list(task.parameter_names))
+    train_s = time.perf_counter() - t0
+    per_obs = []
+    for k in observations:
+        x_obs = fb.sbi.tasks.load_observation(task_name, k)
+        ref = np.asarray(fb.sbi.tasks.load_reference_samples(task_name, k))
+        post = est.posterior(x_obs)
+        post.sample(jax.random.key(0), 10_000).block_until_ready()  # compile
+        t1 = time.perf_counter()
+        draws = np.asarray(post.sample(jax.random.key(seed + k), 10_000).block_until_ready())
+        sample_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        score = fb.diagnostics.c2st(ref[:c2st_draws], draws[:c2st_draws], seed=1,
+                                    early_stopping=early_stopping)
+        per_obs.append({"observation": int(k), "c2st": float(score), "sample_10k_s": sample_s,
+                        "c2st_s": time.perf_counter() - t2,
+                        "finite": bool(np.isfinite(draws).all())})
+    return {"task": task_name, "budget": int(budget), "head": head, "train_s": train_s,
+            "epochs": est.config["epochs"], "num_simulations_ok": est.config["num_simulations"],
+            "c2st_mean": float(np.mean([r["c2st"] for r in per_obs])),
+            "published_npe": published(task_name, budget, observations, "NPE"),
+            "published_snpe": published(task_name, budget, observations, "SNPE"),
+            "observations": per_obs}
+
+
+def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "maf",
+        observations: Sequence[int] = (1, 2, 3, 4, 5), max_epochs: int = 1000,
+        c2st_draws: int = 10_000, early_stopping: bool = False, seed: int = SEED,
+        journal: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Every (task, budget) pair; rows already in `journal` with the same options are reused.
+
+    The training seed of pair (i, j) is `seed + 100 i + j`, so a rerun gives the same networks.
+    """
+    from flashbayes.sbi import tasks as sbi_tasks
+
+    unknown = [t for t in tasks if t not in sbi_tasks.names()]
+    if unknown or not tasks:
+        raise ValueError(f"tasks: expected names from {sbi_tasks.names()}; got {list(tasks)}")
+    if not budgets or any(int(b) < 100 for b in budgets):
+        raise ValueError(f"budgets: expected simulation budgets >= 100; got {list(budgets)}")
+    bad_obs = [k for k in observations if not 1 <= int(k) <= 10]
+    if bad_obs or not observations:
+        raise ValueError(f"observations: expected numbers in 1..10; got {list(observations)}")
+    options = {"head": head, "observations": [int(k) for k in observations],
+               "max_epochs": int(max_epochs), "c2st_draws": int(c2st_draws),
+               "early_stopping": bool(early_stopping), "seed": int(seed)}
+    done: dict[tuple[str, int], dict] = {}
+    if journal is not None and journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if entry.get("options") == options:
+                done[(entry["row"]["task"], entry["row"]["budget"])] = entry["row"]
+    rows = []
+    for i, name in enumerate(tasks):
+        for j, budget in enumerate(budgets):
+            if (name, int(budget)) in done:
+                rows.append(done[(name, int(budget))])
+                continue
+            if progress is not None:
+                progress(f"{name} at {budget} simulations")
+            row = run_one(name, int(budget), head=head, observations=options["observations"],
+                          max_epochs=max_epochs, c2st_draws=c2st_draws,
+                          seed=seed + 100 * i + j, early_stopping=early_stopping)
+            rows.append(row)
+            if journal is not None:
+                with open(journal, "a") as fh:
+                    fh.write(json.dumps({"options": options, "row": row}) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+    return {"options": options, "machine": platform.platform(), "cpus": os.cpu_count(),
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    """The table of a `run` result, with the mean over tasks per budget."""
+    opt = result["options"]
+    lines = ["# NPE on sbibm", "",
+             f"Head `{opt['head']}`, observations {opt['observations']}, C2ST on "
+             f"{opt['c2st_draws']} draws of each set"
+             f"{' (classifier with early stopping)' if opt['early_stopping'] else ''}. "
+             "Published: the paper's NPE and SNPE on the same observations.", "",
+             "| task | simulations | C2ST (ours) | published NPE | published SNPE | train s "
+             "| epochs | 10k draws ms |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    for r in result["rows"]:
+        ms = 1000 * np.median([o["sample_10k_s"] for o in r["observations"]])
+        lines.append(f"| {r['task']} | {r['budget']} | {r['c2st_mean']:.3f} | "
+                     f"{fmt(r['published_npe'])} | {fmt(r.get('published_snpe'))} | "
+                     f"{r['train_s']:.1f} | {r['epochs']} | {ms:.1f} |")
+    budgets = sorted({r["budget"] for r in result["rows"]})
+    tasks = {r["task"] for r in result["rows"]}
+    if len(tasks) > 1:
+        for b in budgets:
+            rs = [r for r in result["rows"] if r["budget"] == b]
+            pub = [r["published_npe"] for r in rs]
+            snpe = [r.get("published_snpe") for r in rs]
+            lines.append(f"| **mean of {len(rs)}** | {b} | "
+                         f"{np.mean([r['c2st_mean'] for r in rs]):.3f} | "
+                         f"{fmt(None if None in pub else float(np.mean(pub)))} | "
+                         f"{fmt(None if None in snpe else float(np.mean(snpe)))} | | | |")
+    return "\n".join(lines) + "\n"
