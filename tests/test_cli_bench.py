@@ -24,6 +24,7 @@ def _bench(out, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # about 30 s: the default tier is kept under 15 minutes
 def test_bench_posteriordb_writes_tables_and_resumes(shared, tmp_path):
     res = _bench(tmp_path)
     assert res.returncode == 0, res.stderr

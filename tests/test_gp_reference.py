@@ -59,6 +59,7 @@ def _nlpd_gap(pred, ref, y):
     return float(np.mean(np.abs(np.asarray(pred.log_prob(y)) - np.asarray(ref.log_prob(y)))))
 
 
+@pytest.mark.slow  # about 30 s: the default tier is kept under 15 minutes
 def test_nuts_predictive_approaches_oracle_under_tight_hyperprior():
     h = np.array([0.25, 1.0, 0.15, 0.2])
     task = _tight_task(h)
@@ -73,6 +74,7 @@ def test_nuts_predictive_approaches_oracle_under_tight_hyperprior():
     assert _nlpd_gap(nuts, wrong, y) > 0.1
 
 
+@pytest.mark.slow  # about 30 s: the default tier is kept under 15 minutes
 def test_type2_ml_recovers_hyperparameters_on_a_large_data_set():
     h = np.array([0.15, 1.2, 0.1, 0.3])
     task = fb.tasks.get_predictive("gp_hyperprior", n_max=300)

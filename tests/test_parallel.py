@@ -134,6 +134,7 @@ def _check_same(run: Path, ref: Path) -> None:
     assert read_header(run / "ckpt_00000004.safetensors")["processes"] == 2
 
 
+@pytest.mark.slow  # about 30 s: the default tier is kept under 15 minutes
 def test_two_processes_over_localhost_equal_one_device(tmp_path, one_device):
     done = _two_processes(tmp_path)
     _check_same(tmp_path, one_device)
