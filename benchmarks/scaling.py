@@ -11,8 +11,9 @@ first 20 steps (compilation) are left out of the rate. The communication cost is
 all-reduce of a gradient-sized buffer over the same mesh, timed alone (median of 50). The FLOPs
 of one training step (forward and backward of the loss) come from XLA's cost analysis.
 
-On this machine all devices share 2 cores, so the ideal is the one-device throughput, not N times
-it: the table reports the ratio to that. Writes benchmarks/results/scaling.json and .md.
+On this machine all devices share 2 cores, so the ideal for N devices is min(N, 2) times the
+one-device throughput, not N times it: the table reports the ratio to that.
+Writes benchmarks/results/scaling.json and .md.
 """
 
 from __future__ import annotations
