@@ -39,6 +39,14 @@ SECTIONS = [
     ("simulation_scaling.md", "Simulations on 1 and 2 workers",
      "From `python benchmarks/simulation_scaling.py` "
      "(`benchmarks/results/simulation_scaling.json`); see docs/scaling.md."),
+    ("sbibm_1e3_maf_es.md", "NPE on sbibm at 10^3 simulations (quick C2ST)",
+     "From `python benchmarks/sbibm.py --budgets 1000 --head maf --c2st-early-stopping --name "
+     "sbibm_1e3_maf_es` (`benchmarks/results/sbibm_1e3_maf_es.json`): the C2ST classifier "
+     "stops early on a validation split, so this is a quick check, not the published protocol; "
+     "see docs/sbi.md."),
+    ("gp_pfn_eval.md", "GP posterior predictives (PFN, not shipped)",
+     "From `python benchmarks/gp_eval.py` (`benchmarks/results/gp_pfn_eval.json`); see "
+     "docs/gp.md."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "
      "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "

@@ -17,7 +17,6 @@ Writes benchmarks/results/NAME.json and NAME.md; NAME.journal.jsonl lets a rerun
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import flashbayes as fb
@@ -46,9 +45,10 @@ def main() -> None:
                        early_stopping=args.c2st_early_stopping, seed=args.seed,
                        journal=RESULTS / f"{args.name}.journal.jsonl",
                        progress=lambda m: print(f"running {m}", flush=True))
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    from _docs import save
+
     table = bench.markdown(result)
-    (RESULTS / f"{args.name}.md").write_text(table)
+    save(args.name, result, table)  # also recomposes docs/results.md
     print(table)
 
 
