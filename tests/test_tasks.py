@@ -41,8 +41,14 @@ def test_every_task_generic(name):
 
 
 def test_unknown_task():
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="expected one of") as info:
         fb.tasks.get("nope")
+    assert "get_predictive" not in str(info.value)
+    # tasks of the other registries are named with the call that builds them
+    with pytest.raises(ValueError, match=r"fb\.tasks\.get_predictive\('gp_hyperprior'\)"):
+        fb.tasks.get("gp_hyperprior")
+    with pytest.raises(ValueError, match=r"fb\.sbi\.tasks\.get\('slcp'\)"):
+        fb.tasks.get("slcp")
 
 
 def _grid_posterior_2d(task, prior, data, lo, hi, m=400):

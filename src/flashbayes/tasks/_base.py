@@ -59,8 +59,21 @@ def get(name: str, **params: Any) -> Task:
         2
     """
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"task: expected one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
+        raise ValueError(f"task: expected one of {', '.join(sorted(_REGISTRY))}; got {name!r}"
+                         f"{_elsewhere(name)}")
     return _REGISTRY[name](**params)
+
+
+def _elsewhere(name: Any) -> str:
+    """A hint when `name` is a task of another registry."""
+    from flashbayes.sbi import tasks as sbi_tasks
+    from flashbayes.tasks._predictive import predictive_names
+
+    if name in predictive_names():
+        return f" ({name!r} is a predictive task: fb.tasks.get_predictive({name!r}))"
+    if name in sbi_tasks.names():
+        return f" ({name!r} is a simulation-based task: fb.sbi.tasks.get({name!r}))"
+    return ""
 
 
 def task_params(task: Task) -> dict:
