@@ -121,9 +121,35 @@ def test_predictor_pads_validates_and_refuses_out_of_range():
     with pytest.raises(ValueError, match="trained on 1..10 context points; got 11"):
         model.predictive(np.full((11, 2), 0.5), np.zeros(11), np.asarray(qx))
     with pytest.raises(ValueError, match=r"inputs in \[0.0, 1.0\]"):
-        model.predictive(np.asarray(cx), np.asarray(cy), np.full((1, 2), 1.5))
+        model.predictive(np.asarray(cx), np.asarray(cy), np.full((1, 2), 1.5),
+                         standardize=False)
     with pytest.raises(ValueError, match="expected shape"):
         model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))
+
+
+def test_user_units_are_standardised_and_mapped_back_exactly():
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    model = PFNPredictor(_net(), fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10))
+    rng = np.random.default_rng(3)
+    cx, qx = rng.uniform(size=(7, 2)), rng.uniform(size=(5, 2))
+    cy, qy = rng.normal(size=7), rng.normal(size=5)
+    base = model.predictive(cx, cy, qx, standardize=True)
+    # the same problem in other units: x in years around 2000, y in thousands around 50,000
+    a, b, c, d = np.array([30.0, 0.01]), np.array([2000.0, -4.0]), 1000.0, 50_000.0
+    pred = model.predictive(a * cx + b, c * cy + d, a * qx + b)  # "auto": outside the box
+    np.testing.assert_allclose(np.asarray(pred.log_prob(c * qy + d)),
+                               np.asarray(base.log_prob(qy)) - np.log(c), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(pred.mean()), c * np.asarray(base.mean()) + d,
+                               rtol=1e-5)
+    # without standardisation the answer differs (the check above can fail), and inputs
+    # inside the box are left alone by "auto"
+    raw = model.predictive(cx, cy, qx, standardize=False)
+    assert np.max(np.abs(np.asarray(raw.log_prob(qy)) - np.asarray(base.log_prob(qy)))) > 1e-2
+    np.testing.assert_array_equal(np.asarray(model.predictive(cx, cy, qx).logits),
+                                  np.asarray(raw.logits))
+    with pytest.raises(ValueError, match="standardize: expected"):
+        model.predictive(cx, cy, qx, standardize="yes")
 
 
 def test_load_pfn_refuses_other_checkpoints(tmp_path):

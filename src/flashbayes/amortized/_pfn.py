@@ -249,13 +249,37 @@ class PFNPredictor:
                         f"^{cfg.x_dim}; got values in [{x.min():.3g}, {x.max():.3g}]")
         return ""
 
-    def predictive(self, context_x, context_y, query_x) -> BarDistribution:
+    def predictive(self, context_x, context_y, query_x, *,
+                   standardize: bool | str = "auto") -> BarDistribution:
         """The posterior predictive of y* at each query point: a bar distribution with batch
         shape (m,) (`log_prob(y) -> (m,)`, `sample(key, k) -> (k, m)`, `mean()`,
-        `quantile(q)`)."""
+        `quantile(q)`).
+
+        Args:
+            context_x, context_y, query_x: (n, D), (n,) and (m, D) arrays.
+            standardize: map the inputs affinely onto the training box (per dimension, the
+                smallest and largest of context and query inputs go to its ends) and the
+                outputs to zero mean and unit standard deviation over the context, then map the
+                predictive back to the user's units (exactly: the bar distribution's borders
+                are scaled). True always; False never (inputs outside the box are refused);
+                "auto" (default) only when some input lies outside the training box.
+        """
         from flashbayes._padding import size_bucket
 
+        if standardize not in (True, False, "auto"):
+            raise ValueError(f"standardize: expected True, False or 'auto'; got {standardize!r}")
         cx, cy, qx = self.task.validate(context_x, context_y, query_x)
+        cfg = self.network.config
+        if standardize == "auto":
+            both = np.concatenate([cx, qx])
+            standardize = bool(both.size) and bool(both.min() < cfg.x_low or
+                                                   both.max() > cfg.x_high)
+        y_shift, y_scale = 0.0, 1.0
+        if standardize:
+            cx, qx = self._to_box(cx, qx)
+            y_shift = float(cy.mean())
+            y_scale = float(cy.std()) if cy.shape[0] >= 2 and cy.std() > 0 else 1.0
+            cy = ((cy - y_shift) / y_scale).astype(cy.dtype)
         why = self.out_of_range(cx, qx)
         if why:
             raise ValueError(f"{why}: outside the training range of this model; use the NUTS "
@@ -269,4 +293,20 @@ class PFNPredictor:
         qp[:m] = qx
         logits = self._run(self.network, jnp.asarray(xp), jnp.asarray(yp),
                            jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
-        return BarDistribution(jnp.asarray(self.network.config.borders, logits.dtype), logits)
+        borders = np.asarray(cfg.borders, np.float64) * y_scale + y_shift
+        return BarDistribution(jnp.asarray(borders, logits.dtype), logits)
+
+    def _to_box(self, cx: np.ndarray, qx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Context and query inputs mapped affinely, per dimension, onto the training box."""
+        cfg = self.network.config
+        both = np.concatenate([cx, qx]).astype(np.float64)
+        lo, hi = both.min(0), both.max(0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        centre = np.where(hi > lo, 0.0, 0.5)  # a dimension with one value goes to the middle
+
+        def scale(x):
+            u = np.where(hi > lo, (x - lo) / span, centre)
+            return np.clip(cfg.x_low + u * (cfg.x_high - cfg.x_low), cfg.x_low,
+                           cfg.x_high).astype(x.dtype)
+
+        return scale(cx), scale(qx)
