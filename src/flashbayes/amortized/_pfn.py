@@ -209,6 +209,37 @@ def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
     return eqx.combine(params, static), header
 
 
+def standardize_problem(context_x: np.ndarray, context_y: np.ndarray, query_x: np.ndarray, *,
+                        low: float = 0.0, high: float = 1.0):
+    """A GP regression problem in standard units: inputs mapped affinely, per dimension, so that
+    the smallest and largest of the context and query inputs go to `low` and `high`; outputs to
+    zero mean and unit standard deviation over the context (scale 1 with fewer than 2 distinct
+    values). Returns (context_x, context_y, query_x, y_shift, y_scale): a predictive in standard
+    units maps back to the user's by y = y_shift + y_scale * y_standard.
+
+    Example:
+        >>> import numpy as np
+        >>> cx, cy, qx, shift, scale = standardize_problem(
+        ...     np.array([[10.0], [30.0]]), np.array([5.0, 7.0]), np.array([[20.0]]))
+        >>> cx.ravel().tolist(), cy.tolist(), qx.ravel().tolist(), shift, scale
+        ([0.0, 1.0], [-1.0, 1.0], [0.5], 6.0, 1.0)
+    """
+    cx, cy, qx = (np.asarray(a) for a in (context_x, context_y, query_x))
+    both = np.concatenate([cx, qx]).astype(np.float64)
+    lo, hi = both.min(0), both.max(0)
+    spread = hi > lo
+    span = np.where(spread, hi - lo, 1.0)
+
+    def to_box(x):
+        u = np.where(spread, (x - lo) / span, 0.5)  # a dimension with one value: the middle
+        return np.clip(low + u * (high - low), low, high).astype(x.dtype)
+
+    y_shift = float(np.mean(cy))
+    y_scale = float(np.std(cy)) if cy.shape[0] >= 2 and np.std(cy) > 0 else 1.0
+    return (to_box(cx), ((cy - y_shift) / y_scale).astype(cy.dtype), to_box(qx), y_shift,
+            y_scale)
+
+
 class PFNPredictor:
     """A trained PFN with its task: `predictive(context_x, context_y, query_x)` for users.
 
@@ -276,10 +307,8 @@ class PFNPredictor:
                                                    both.max() > cfg.x_high)
         y_shift, y_scale = 0.0, 1.0
         if standardize:
-            cx, qx = self._to_box(cx, qx)
-            y_shift = float(cy.mean())
-            y_scale = float(cy.std()) if cy.shape[0] >= 2 and cy.std() > 0 else 1.0
-            cy = ((cy - y_shift) / y_scale).astype(cy.dtype)
+            cx, cy, qx, y_shift, y_scale = standardize_problem(cx, cy, qx, low=cfg.x_low,
+                                                               high=cfg.x_high)
         why = self.out_of_range(cx, qx)
         if why:
             raise ValueError(f"{why}: outside the training range of this model; use the NUTS "
@@ -295,18 +324,3 @@ class PFNPredictor:
                            jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
         borders = np.asarray(cfg.borders, np.float64) * y_scale + y_shift
         return BarDistribution(jnp.asarray(borders, logits.dtype), logits)
-
-    def _to_box(self, cx: np.ndarray, qx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Context and query inputs mapped affinely, per dimension, onto the training box."""
-        cfg = self.network.config
-        both = np.concatenate([cx, qx]).astype(np.float64)
-        lo, hi = both.min(0), both.max(0)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        centre = np.where(hi > lo, 0.0, 0.5)  # a dimension with one value goes to the middle
-
-        def scale(x):
-            u = np.where(hi > lo, (x - lo) / span, centre)
-            return np.clip(cfg.x_low + u * (cfg.x_high - cfg.x_low), cfg.x_low,
-                           cfg.x_high).astype(x.dtype)
-
-        return scale(cx), scale(qx)
