@@ -653,6 +653,16 @@ def _register_filter_command() -> None:
 
 
 _register_filter_command()
+
+
+def _register_gp_command() -> None:
+    from flashbayes._gp_cli import register
+
+    register(app, read_csv=_read_csv, check_out=_check_out_folder, user_errors=_user_errors,
+             usage_error=UsageError, console=console)
+
+
+_register_gp_command()
 app.add_typer(__import__("flashbayes._sbi_cli", fromlist=["app"]).app, name="sbi")
 
 
