@@ -44,6 +44,9 @@ SECTIONS = [
      "sbibm_1e3_maf_es` (`benchmarks/results/sbibm_1e3_maf_es.json`): the C2ST classifier "
      "stops early on a validation split, so this is a quick check, not the published protocol; "
      "see docs/sbi.md."),
+    ("sbibm_1e4_maf_es.md", "NPE on sbibm at 10^4 simulations (quick C2ST)",
+     "From `python benchmarks/sbibm.py --budgets 10000 --head maf --c2st-early-stopping --name "
+     "sbibm_1e4_maf_es` (`benchmarks/results/sbibm_1e4_maf_es.json`); quick C2ST as above."),
     ("gp_pfn_eval.md", "GP posterior predictives (PFN, not shipped)",
      "From `python benchmarks/gp_eval.py` (`benchmarks/results/gp_pfn_eval.json`); see "
      "docs/gp.md."),
