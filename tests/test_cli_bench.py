@@ -9,12 +9,16 @@ import pytest
 from flashbayes._shared import SharedDataMissing, shared_benchmarks_dir
 
 
+def _shared_or_skip(name: str) -> None:
+    try:
+        shared_benchmarks_dir(name)
+    except SharedDataMissing as exc:
+        pytest.skip(f"{name} reference data not found: {exc}")
+
+
 @pytest.fixture(scope="module")
 def shared():
-    try:
-        shared_benchmarks_dir("posteriordb")
-    except SharedDataMissing as exc:
-        pytest.skip(f"posteriordb reference data not found: {exc}")
+    _shared_or_skip("posteriordb")
 
 
 def _bench(out, *extra):
@@ -51,10 +55,7 @@ def test_bench_posteriordb_rejects_unknown_names(shared, tmp_path):
 
 @pytest.fixture(scope="module")
 def sbibm_data():
-    try:
-        shared_benchmarks_dir("sbibm")
-    except SharedDataMissing as exc:
-        pytest.skip(f"sbibm reference data not found: {exc}")
+    _shared_or_skip("sbibm")
 
 
 def _bench_sbibm(out, *extra):

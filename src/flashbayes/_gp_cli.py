@@ -18,8 +18,8 @@ def predictive_bands(model, context_x, context_y, query_x, *, key, nuts: bool = 
     """Mean and 90 % band of y* at every query point for the network and the references.
 
     With `standardize` (True, or "auto" when some input lies outside the training box) the
-    problem is standardised once (`standardize_problem`), every method answers in standard
-    units, and the answers are mapped back to the user's units.
+    problem is standardised once (`PFNPredictor.in_standard_units`), every method answers in
+    standard units, and the answers are mapped back to the user's units.
 
     Returns:
         {method: {"mean": (m,), "lower": (m,), "upper": (m,), "seconds": wall time}}.
@@ -27,19 +27,10 @@ def predictive_bands(model, context_x, context_y, query_x, *, key, nuts: bool = 
     import jax
     import numpy as np
 
-    from flashbayes.amortized._pfn import standardize_problem
     from flashbayes.reference import gp_nuts, gp_type2_ml
 
     cx, cy, qx = model.task.validate(context_x, context_y, query_x)
-    cfg = model.network.config
-    if standardize == "auto":
-        both = np.concatenate([cx, qx])
-        standardize = bool(both.min() < cfg.x_low or both.max() > cfg.x_high)
-    if standardize:
-        sx, sy, sq, shift, scale = standardize_problem(cx, cy, qx, low=cfg.x_low,
-                                                       high=cfg.x_high)
-    else:
-        sx, sy, sq, shift, scale = cx, cy, qx, 0.0, 1.0
+    sx, sy, sq, shift, scale = model.in_standard_units(cx, cy, qx, standardize)
     why = model.out_of_range(sx, sq)
     out: dict = {}
 

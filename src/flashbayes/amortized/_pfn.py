@@ -280,6 +280,22 @@ class PFNPredictor:
                         f"^{cfg.x_dim}; got values in [{x.min():.3g}, {x.max():.3g}]")
         return ""
 
+    def in_standard_units(self, context_x: np.ndarray, context_y: np.ndarray,
+                          query_x: np.ndarray, standardize: bool | str = "auto"):
+        """A validated problem in the network's units, by the rule of `predictive`'s
+        `standardize`: (context_x, context_y, query_x, y_shift, y_scale), where an answer in
+        those units maps back by y = y_shift + y_scale * y_standard (0 and 1 when unchanged)."""
+        if standardize not in (True, False, "auto"):
+            raise ValueError(f"standardize: expected True, False or 'auto'; got {standardize!r}")
+        cfg = self.network.config
+        if standardize == "auto":
+            both = np.concatenate([context_x, query_x])
+            standardize = bool(both.size) and bool(both.min() < cfg.x_low or
+                                                   both.max() > cfg.x_high)
+        if not standardize:
+            return context_x, context_y, query_x, 0.0, 1.0
+        return standardize_problem(context_x, context_y, query_x, low=cfg.x_low, high=cfg.x_high)
+
     def predictive(self, context_x, context_y, query_x, *,
                    standardize: bool | str = "auto") -> BarDistribution:
         """The posterior predictive of y* at each query point: a bar distribution with batch
@@ -297,18 +313,9 @@ class PFNPredictor:
         """
         from flashbayes._padding import size_bucket
 
-        if standardize not in (True, False, "auto"):
-            raise ValueError(f"standardize: expected True, False or 'auto'; got {standardize!r}")
-        cx, cy, qx = self.task.validate(context_x, context_y, query_x)
         cfg = self.network.config
-        if standardize == "auto":
-            both = np.concatenate([cx, qx])
-            standardize = bool(both.size) and bool(both.min() < cfg.x_low or
-                                                   both.max() > cfg.x_high)
-        y_shift, y_scale = 0.0, 1.0
-        if standardize:
-            cx, cy, qx, y_shift, y_scale = standardize_problem(cx, cy, qx, low=cfg.x_low,
-                                                               high=cfg.x_high)
+        cx, cy, qx = self.task.validate(context_x, context_y, query_x)
+        cx, cy, qx, y_shift, y_scale = self.in_standard_units(cx, cy, qx, standardize)
         why = self.out_of_range(cx, qx)
         if why:
             raise ValueError(f"{why}: outside the training range of this model; use the NUTS "

@@ -45,17 +45,14 @@ class SwappedPosterior:
         draws: (S, d) draws of the original posterior.
         psis: the PSIS result of the weights (k-hat, threshold, effective sample size, smoothed
             normalised log weights).
+        weights: (S,) the normalised, Pareto-smoothed importance weights.
     """
 
     def __init__(self, draws: np.ndarray, psis: PSISResult):
         self.draws = draws
         self.psis = psis
-
-    @property
-    def weights(self) -> np.ndarray:
-        """(S,) normalised, Pareto-smoothed importance weights."""
-        w = np.exp(self.psis.log_weights - np.max(self.psis.log_weights))
-        return w / w.sum()
+        w = np.exp(psis.log_weights - np.max(psis.log_weights))
+        self.weights = w / w.sum()  # (S,) normalised, Pareto-smoothed importance weights
 
     def sample(self, key: Array, n: int) -> np.ndarray:
         """n draws (n, d), resampled with replacement in proportion to the weights."""
