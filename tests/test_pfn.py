@@ -159,3 +159,60 @@ def test_load_pfn_refuses_other_checkpoints(tmp_path):
                            {"params": {"w": jnp.zeros(2)}})
     with pytest.raises(CheckpointError, match="expected a PFN checkpoint"):
         load_pfn(path)
+
+
+def test_predictor_save_and_load_round_trip(tmp_path):
+    from flashbayes.amortized._checkpoint import CheckpointError
+    from flashbayes.amortized._pfn import PFNPredictor, load_predictor
+
+    task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
+    model = PFNPredictor(_net(), task, {"step": 7})
+    path = model.save(tmp_path / "m.safetensors")
+    loaded = load_predictor(path)
+    assert loaded.task.n_max == 10 and loaded.task.x_dim == 2 and loaded.meta["step"] == 7
+    cx, cy, _, qx = (np.asarray(a) for a in _data())
+    np.testing.assert_array_equal(np.asarray(loaded.predictive(cx, cy, qx).logits),
+                                  np.asarray(model.predictive(cx, cy, qx).logits))
+    # a training folder means its latest checkpoint; an empty one is refused
+    model.save(tmp_path / "run" / "ckpt_00000007.safetensors")
+    assert load_predictor(tmp_path / "run").meta["path"].endswith("ckpt_00000007.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="expected a checkpoint file"):
+        load_predictor(tmp_path / "empty")
+
+
+def test_infer_answers_with_the_network_inside_and_nuts_outside_the_range():
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
+    cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-4, 4, 41)), d_model=16, n_layers=1)
+    model = PFNPredictor(PFN(cfg, key=jax.random.key(0)), task)
+    rng = np.random.default_rng(0)
+    cx, qx = rng.uniform(size=(5, 1)), rng.uniform(size=(3, 1))
+    cy = np.sin(6 * cx[:, 0])
+    inside = fb.infer(model, (cx, cy, qx), key=jax.random.key(1))
+    assert inside.info["path"] == "amortized"
+    np.testing.assert_array_equal(np.asarray(inside.logits),
+                                  np.asarray(model.predictive(cx, cy, qx).logits))
+    # 8 context points, in other units, against a network trained on at most 6: NUTS answers,
+    # in the user's units (the same as NUTS on the standardised problem, mapped back)
+    cx8 = np.linspace(0.0, 1.0, 8)[:, None]
+    cy8 = np.sin(6 * cx8[:, 0])
+    opts = dict(num_warmup=150, num_samples=100, num_chains=2, num_mix=40)
+    std = fb.infer(model, {"context_x": cx8, "context_y": cy8, "query_x": qx}, method="nuts",
+                   key=jax.random.key(2), standardize=True, **opts)
+    out = fb.infer(model, (10 * cx8 + 3, 100 * cy8 - 50, 10 * qx + 3), key=jax.random.key(2),
+                   **opts)
+    assert out.info["path"] == "nuts" and "trained on 1..6 context points; got 8" in \
+        out.info["reason"]
+    np.testing.assert_allclose(np.asarray(out.mean()), 100 * np.asarray(std.mean()) - 50,
+                               rtol=1e-3, atol=1e-2)
+    lp = np.asarray(out.log_prob(100 * np.sin(6 * qx[:, 0]) - 50))
+    np.testing.assert_allclose(lp, np.asarray(std.log_prob(np.sin(6 * qx[:, 0]))) - np.log(100),
+                               atol=1e-3)
+    with pytest.raises(ValueError, match="outside the training range"):
+        fb.infer(model, (cx8, cy8, qx), method="amortized")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        fb.infer(model, (cx, cy, qx), method="smc", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="context_x, context_y, query_x"):
+        fb.infer(model, (cx, cy), key=jax.random.key(0))

@@ -48,12 +48,7 @@ def predictive_bands(model, context_x, context_y, query_x, *, key, nuts: bool = 
         jax.block_until_ready(pred.logits)
         add("network", pred, time.perf_counter() - t0)
     k_ml, k_nuts = jax.random.split(key)
-    ref_task = model.task
-    if sx.shape[0] > ref_task.n_max:  # the references take any context size
-        from flashbayes.tasks import get_predictive, task_params
-
-        ref_task = get_predictive(ref_task.name, **{**task_params(ref_task),
-                                                    "n_max": sx.shape[0]})
+    ref_task = model.reference_task(sx.shape[0])  # the references take any context size
     if type2_ml:
         t0 = time.perf_counter()
         add("type-II ML", gp_type2_ml(k_ml, ref_task, sx, sy, sq), time.perf_counter() - t0)
@@ -126,7 +121,8 @@ def register(app: typer.Typer, *, read_csv, check_out, user_errors, usage_error,
     @user_errors
     def gp_cmd(
             checkpoint: Annotated[str, typer.Argument(
-                help="PFN checkpoint file (from benchmarks/train_gp.py)")],
+                help="a shipped model's name (gp_hyperprior_pfn) or a PFN checkpoint file "
+                     "or training folder (from benchmarks/train_gp.py)")],
             data: Annotated[Path, typer.Option(
                 help="CSV of context points: D input columns then y, optional header")],
             query: Annotated[str, typer.Option(
@@ -154,20 +150,25 @@ def register(app: typer.Typer, *, read_csv, check_out, user_errors, usage_error,
         import jax
         import numpy as np
 
-        from flashbayes import tasks
-        from flashbayes.amortized import CheckpointError
-        from flashbayes.amortized._pfn import PFNPredictor, load_pfn
+        from flashbayes.amortized import PRETRAINED, CheckpointError, load_pretrained
+        from flashbayes.amortized._pfn import PFNPredictor, load_predictor
 
         path = Path(checkpoint)
-        if not path.is_file():
-            raise usage_error(f"checkpoint: expected a PFN checkpoint file; got {checkpoint} "
+        if checkpoint in PRETRAINED and not path.exists():
+            model = load_pretrained(checkpoint)
+            if not isinstance(model, PFNPredictor):
+                raise usage_error(f"checkpoint: expected a GP model (gp_hyperprior_pfn); "
+                                  f"{checkpoint!r} is a Distribution Transformer")
+        elif not path.exists():
+            raise usage_error(f"checkpoint: expected a shipped GP model's name "
+                              f"(gp_hyperprior_pfn) or a PFN checkpoint file; got {checkpoint} "
                               "(no such file)")
-        try:
-            net, header = load_pfn(path)
-        except CheckpointError as exc:
-            raise usage_error(str(exc)) from None
-        task = tasks.get_predictive(header["task"], **header.get("task_params", {}))
-        model = PFNPredictor(net, task)
+        else:
+            try:
+                model = load_predictor(path)
+            except CheckpointError as exc:
+                raise usage_error(str(exc)) from None
+        task = model.task
         d = task.x_dim
         rows = read_csv(data, d + 1, option="--data")
         if rows.shape[0] == 0:

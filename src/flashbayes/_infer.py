@@ -14,6 +14,7 @@ from jaxtyping import Array
 from flashbayes._arviz import arviz
 
 KHAT_THRESHOLD = 0.7
+PREDICTIVE_METHODS = ("auto", "amortized", "nuts")
 _LOG_RATIO: dict[Any, Any] = {}
 
 
@@ -57,9 +58,13 @@ def infer(model: Any, data: Any = None, *, prior: Any = None, method: str = "aut
     """Posterior for `data` under `model`: amortized when it can be trusted, exact otherwise.
 
     Args:
-        model: an amortized model (`fb.load_pretrained(...)`) with `prior` a GMM, or a NumPyro
-            model function with `data` the dict of its keyword arguments.
-        data: the observations (rows for an amortized model; a dict for a NumPyro model).
+        model: an amortized model (`fb.load_pretrained(...)`) with `prior` a GMM, a GP
+            predictive model (`fb.load_pretrained("gp_hyperprior_pfn")`), or a NumPyro model
+            function with `data` the dict of its keyword arguments.
+        data: the observations (rows for an amortized model; a dict for a NumPyro model;
+            `(context_x, context_y, query_x)` or a dict of those names for a GP model, whose
+            answer is the posterior predictive at the query inputs: the network's inside its
+            training range, NUTS over the hyperparameters outside it, or for method "nuts").
         prior: the GMM prior (amortized models only).
         method: "auto", "amortized", or a reference engine name (`fb.reference.engines()`:
             "exact", "nuts", "smc", "vi"). For an amortized model, "auto" returns the network's
@@ -91,12 +96,22 @@ def infer(model: Any, data: Any = None, *, prior: Any = None, method: str = "aut
 
     limit_blas_threads()
     valid = ["auto", "amortized", *engines()]
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    if isinstance(model, PFNPredictor):
+        valid = list(PREDICTIVE_METHODS)
     if method not in valid:
         raise ValueError(f"method: expected one of {valid}; got {method!r}")
     if key is None and method not in ("amortized", "exact"):
         raise ValueError(f"key: expected a PRNG key (jax.random.key(...)) for method "
                          f"{method!r}; got None")
 
+    from flashbayes.amortized._pfn import PFNPredictor
+
+    if isinstance(model, PFNPredictor):
+        if prior is not None:
+            raise ValueError("prior: a GP predictive model holds its hyperprior; got prior=...")
+        return _infer_predictive(model, data, method, key, options)
     if isinstance(model, AmortizedPosterior):
         if prior is None:
             raise ValueError("prior: expected a GMM prior for an amortized model; got None")
@@ -173,3 +188,46 @@ def _infer_amortized(model, target, method, key, khat_threshold, khat_draws, opt
     seconds["nuts"] = time.perf_counter() - t0
     result.info.update(path="nuts", reason=reason, khat=khat, seconds=seconds)
     return result
+
+
+def _predictive_problem(data):
+    names = ("context_x", "context_y", "query_x")
+    if isinstance(data, Mapping):
+        missing = [n for n in names if n not in data]
+        if missing or len(data) != 3:
+            raise ValueError(f"data: expected a dict with keys {list(names)}; got keys "
+                             f"{sorted(data)}")
+        return tuple(data[n] for n in names)
+    if isinstance(data, (tuple, list)) and len(data) == 3:
+        return tuple(data)
+    raise ValueError(f"data: expected (context_x, context_y, query_x) or a dict of those for a "
+                     f"GP predictive model; got {type(data).__name__}")
+
+
+def _infer_predictive(model, data, method, key, options):
+    """`infer` for a PFN: its predictive inside the training range, else NUTS over the
+    hyperparameters (in the same standard units, mapped back to the user's)."""
+    from flashbayes.reference import GaussianMixturePredictive, gp_nuts
+
+    cx, cy, qx = model.task.validate(*_predictive_problem(data))
+    standardize = options.pop("standardize", "auto")
+    sx, sy, sq, shift, scale = model.in_standard_units(cx, cy, qx, standardize)
+    why = model.out_of_range(sx, sq)
+    if method == "amortized" or (method == "auto" and not why):
+        if options:
+            raise TypeError(f"options: the network takes none; got {sorted(options)}")
+        t0 = time.perf_counter()
+        pred = model.predictive(sx, sy, sq, standardize=False)
+        jax.block_until_ready(pred.logits)
+        info = {"path": "amortized", "seconds": {"amortized": time.perf_counter() - t0},
+                "reason": (f"method={method!r}" if method == "amortized" else
+                           "the input lies inside the training range")}
+        return type(pred)(pred.borders * scale + shift, pred.logits, info)
+    reason = f"method={method!r}" if method == "nuts" else f"outside the training range: {why}"
+    options.setdefault("warn", False)
+    t0 = time.perf_counter()
+    ref = gp_nuts(key, model.reference_task(sx.shape[0]), sx, sy, sq, **options)
+    pred = GaussianMixturePredictive(ref.weights, ref.means * scale + shift,
+                                     ref.variances * scale**2, dict(ref.info))
+    pred.info.update(path="nuts", reason=reason, seconds={"nuts": time.perf_counter() - t0})
+    return pred

@@ -297,7 +297,8 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
     return AmortizedPosterior(network, task_obj, meta=meta)
 
 
-PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking")
+PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking",
+              "gp_hyperprior_pfn")
 
 
 def pretrained_path(name: str) -> Path:
@@ -307,16 +308,26 @@ def pretrained_path(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "pretrained" / f"{name}.safetensors"
 
 
-def load_pretrained(name: str) -> AmortizedPosterior:
+def load_pretrained(name: str):
     """A model shipped inside the package; docs/pretrained.md gives the command that made it.
+
+    Distribution Transformers (prior and data in, posterior out) load as `AmortizedPosterior`;
+    `gp_hyperprior_pfn` (context points and query inputs in, posterior predictive out) as a
+    `PFNPredictor`.
 
     Example:
         >>> import flashbayes as fb
         >>> fb.load_pretrained("gmm_linear").task.name
         'gmm_linear'
+        >>> fb.load_pretrained("gp_hyperprior_pfn").task.name
+        'gp_hyperprior'
     """
     path = pretrained_path(name)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained model {name!r}: expected the file {path}; it is "
                                 "missing from this installation")
+    if read_header(path).get("kind") == "pfn":
+        from flashbayes.amortized._pfn import load_predictor
+
+        return load_predictor(path)
     return load(path, task=name)

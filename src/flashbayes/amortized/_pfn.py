@@ -196,8 +196,25 @@ def prior_borders(task, key: Array, n_buckets: int, *, n_samples: int = 200_000)
     return bar_borders(np.asarray(draws, np.float64), n_buckets)
 
 
+def _checkpoint_file(path: str | os.PathLike):
+    """`path`, or the latest checkpoint of the training folder `path`."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        from flashbayes.amortized._train import latest_checkpoint
+
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"checkpoint: expected a checkpoint file in {path}; got none")
+        path = found
+    return path
+
+
 def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
-    """A PFN and its header from a checkpoint written by `fit_network` (trees "params")."""
+    """A PFN and its header from a checkpoint written by `fit_network` (trees "params"); a
+    training folder means its latest checkpoint."""
+    path = _checkpoint_file(path)
     header = read_header(path)
     if header.get("kind") != "pfn" or "model_config" not in header:
         raise CheckpointError(f"{path}: expected a PFN checkpoint (header kind 'pfn'); got kind "
@@ -260,12 +277,36 @@ class PFNPredictor:
         ((3,), (4, 3))
     """
 
-    def __init__(self, network: PFN, task):
+    def __init__(self, network: PFN, task, meta: dict | None = None):
         if network.config.x_dim != task.x_dim:
             raise ValueError(f"network: expected x_dim {task.x_dim} for the task; got "
                              f"{network.config.x_dim}")
         self.network, self.task = network, task
+        self.meta = dict(meta or {})
         self._run = eqx.filter_jit(lambda net, cx, cy, cm, qx: net(cx, cy, cm, qx))
+
+    def save(self, path: str | os.PathLike):
+        """Write the weights (no optimiser state) and the header (task, configuration, training
+        step and time) atomically to a safetensors file; `load_predictor` reads it back."""
+        from flashbayes import tasks
+        from flashbayes.amortized._checkpoint import save_checkpoint
+
+        header = {"kind": "pfn", "task": self.task.name,
+                  "task_params": tasks.task_params(self.task),
+                  "model_config": self.network.config.to_dict(),
+                  **{k: self.meta[k] for k in ("step", "train_config", "train_seconds",
+                                               "n_query", "init") if k in self.meta}}
+        return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
+
+    def reference_task(self, n_context: int):
+        """The task the exact references use for `n_context` points: this model's task, with
+        `n_max` raised when the context is larger than the network was trained on (the
+        references take any context size)."""
+        if n_context <= self.task.n_max:
+            return self.task
+        from flashbayes.tasks import get_predictive, task_params
+
+        return get_predictive(self.task.name, **{**task_params(self.task), "n_max": n_context})
 
     def out_of_range(self, context_x: np.ndarray, query_x: np.ndarray) -> str:
         """Why a validated problem lies outside what the network was trained on ("" if not)."""
@@ -331,3 +372,24 @@ class PFNPredictor:
                            jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
         borders = np.asarray(cfg.borders, np.float64) * y_scale + y_shift
         return BarDistribution(jnp.asarray(borders, logits.dtype), logits)
+
+
+def load_predictor(path: str | os.PathLike) -> PFNPredictor:
+    """A `PFNPredictor` from a PFN checkpoint file or training folder (its latest checkpoint).
+
+    Raises:
+        CheckpointError: missing or malformed file, not a PFN, unknown task.
+    """
+    from flashbayes import tasks
+
+    path = _checkpoint_file(path)
+    net, header = load_pfn(path)
+    try:
+        task = tasks.get_predictive(header["task"], **header.get("task_params", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: unknown predictive task {header.get('task')!r} "
+                              f"({exc})") from exc
+    meta = {k: header[k] for k in ("step", "train_config", "train_seconds", "n_query", "init")
+            if k in header}
+    meta["path"] = str(path)
+    return PFNPredictor(net, task, meta)

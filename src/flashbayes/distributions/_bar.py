@@ -58,6 +58,7 @@ class BarDistribution(eqx.Module):
     Args:
         borders: (K + 1,) increasing borders (see the module docstring for the tails).
         logits: (..., K) unnormalised log bucket probabilities; the leading axes are the batch.
+        info: what produced it (`fb.infer` says which path it took), or None.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -72,10 +73,12 @@ class BarDistribution(eqx.Module):
 
     borders: Float[Array, " K1"]
     logits: Float[Array, "... K"]
+    info: dict | None = eqx.field(static=True, default=None)
 
-    def __init__(self, borders, logits):
+    def __init__(self, borders, logits, info: dict | None = None):
         self.borders = jnp.asarray(borders)
         self.logits = jnp.asarray(logits)
+        self.info = info
         if self.borders.ndim != 1 or self.borders.shape[0] < 4:
             raise ValueError(f"borders: expected a 1-D array of at least 4 values; got shape "
                              f"{self.borders.shape}")
