@@ -21,33 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashbayes import tasks
-from flashbayes.amortized._pfn import load_pfn
-from flashbayes.distributions import BarDistribution
+from flashbayes.amortized._pfn import load_predictor
 from flashbayes.reference import gp_nuts, gp_oracle, gp_type2_ml
 
 METHODS = ("oracle", "type2_ml", "nuts", "pfn")
 
 
-def pfn_predictive(net, task):
-    @jax.jit
-    def run(cx, cy, cm, qx):
-        return net(cx, cy, cm, qx)
-
-    def predict(cx, cy, qx):
-        n = cx.shape[0]
-        xp = np.zeros((task.n_max, task.x_dim), np.float32)
-        yp = np.zeros(task.n_max, np.float32)
-        xp[:n], yp[:n] = cx, cy
-        logits = run(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(np.arange(task.n_max) < n),
-                     jnp.asarray(qx, jnp.float32))
-        return BarDistribution(jnp.asarray(net.config.borders, jnp.float32), logits)
-
-    return predict
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--checkpoint", default=None,
+                    help="PFN checkpoint file or folder, or gp_hyperprior_pfn (the shipped one)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="which predictives to score (pfn needs --checkpoint)")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100])
     ap.add_argument("--tasks-per-n", type=int, default=8)
     ap.add_argument("--n-query", type=int, default=20)
@@ -67,13 +52,20 @@ def main(argv=None):
         return report(rows, args)
 
     task = tasks.get_predictive("gp_hyperprior")
-    predict_pfn = None
+    model = None
     if args.checkpoint is not None:
-        net, header = load_pfn(args.checkpoint)
-        task = tasks.get_predictive(header["task"], **header["task_params"])
-        predict_pfn = pfn_predictive(net, task)
+        if args.checkpoint == "gp_hyperprior_pfn" and not Path(args.checkpoint).exists():
+            from flashbayes.amortized import load_pretrained
+
+            model = load_pretrained(args.checkpoint)
+        else:
+            model = load_predictor(args.checkpoint)
+        task = model.task
     if args.latency:
-        return latency(net, task, args)
+        return latency(model, args)
+    if "pfn" in args.methods and model is None:
+        ap.error("--methods pfn: expected --checkpoint")
+    run = set(args.methods)
     rows = []
     key = jax.random.key(args.seed)
     for n in args.ns:
@@ -81,22 +73,15 @@ def main(argv=None):
             kp, kt, kn = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, n), i), 3)
             p = task.sample_problem(kp, n=n, n_query=args.n_query)
             preds, secs = {}, {}
-            t = time.perf_counter()
-            preds["oracle"] = gp_oracle(task, p.hyper, p.context_x, p.context_y, p.query_x)
-            secs["oracle"] = time.perf_counter() - t
-            t = time.perf_counter()
-            preds["type2_ml"] = gp_type2_ml(kt, task, p.context_x, p.context_y, p.query_x)
-            secs["type2_ml"] = time.perf_counter() - t
-            t = time.perf_counter()
-            preds["nuts"] = gp_nuts(kn, task, p.context_x, p.context_y, p.query_x,
-                                    num_warmup=args.nuts_warmup, num_samples=args.nuts_samples,
-                                    warn=False)
-            secs["nuts"] = time.perf_counter() - t
-            if predict_pfn is not None:
-                t = time.perf_counter()
-                preds["pfn"] = predict_pfn(p.context_x, p.context_y, p.query_x)
-                secs["pfn"] = time.perf_counter() - t
-            row = {"n": n, "i": i, "nuts_problems": preds["nuts"].info["problems"]}
+            for name in METHODS:
+                if name in run:
+                    t = time.perf_counter()
+                    preds[name] = jax.block_until_ready(
+                        _predict(name, task, model, p, kt if name == "type2_ml" else kn, args))
+                    secs[name] = time.perf_counter() - t
+            row = {"n": n, "i": i}
+            if "nuts" in preds:
+                row["nuts_problems"] = preds["nuts"].info["problems"]
             for name, pred in preds.items():
                 y = jnp.asarray(p.query_y, jnp.float64 if name != "pfn" else jnp.float32)
                 row[name] = float(-np.mean(np.asarray(pred.log_prob(y), np.float64)))
@@ -109,12 +94,21 @@ def main(argv=None):
     return report(rows, args)
 
 
-def latency(net, task, args, repeats=200):
+def _predict(name, task, model, p, key, args):
+    if name == "oracle":
+        return gp_oracle(task, p.hyper, p.context_x, p.context_y, p.query_x)
+    if name == "type2_ml":
+        return gp_type2_ml(key, task, p.context_x, p.context_y, p.query_x)
+    if name == "nuts":
+        return gp_nuts(key, task, p.context_x, p.context_y, p.query_x,
+                       num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, warn=False)
+    return model.predictive(p.context_x, p.context_y, p.query_x, standardize=False)
+
+
+def latency(model, args, repeats=200):
     """Median wall time of one predictive call (50 context points, 100 queries) of the PFN
     (through PFNPredictor, validation and padding included) and of warm NUTS, side by side."""
-    from flashbayes.amortized._pfn import PFNPredictor
-
-    model = PFNPredictor(net, task)
+    task = model.task
     p = task.sample_problem(jax.random.key(args.seed), n=50, n_query=100)
     jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x).logits)
     times = []
@@ -142,31 +136,38 @@ def latency(net, task, args, repeats=200):
     return out
 
 
+def _mean_se(v):
+    v = np.asarray(v, np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
 def report(rows, args):
+    """Per n: NLPD and 90% coverage of each method, and the PFN's paired gap to the best
+    reference scored (NUTS when it ran, else the oracle); one more row pools every n."""
     methods = [m for m in METHODS if m in rows[0]]
+    ref = "nuts" if "nuts" in methods else "oracle"
+    gap = f"pfn_minus_{ref}"
+    has_gap = "pfn" in methods and ref in methods
     summary = {}
-    for n in args.ns:
-        sel = [r for r in rows if r["n"] == n]
+    for n in [*args.ns, "all"]:
+        sel = [r for r in rows if n == "all" or r["n"] == n]
         s = {}
         for m in methods:
-            v = np.array([r[m] for r in sel])
-            s[m] = {"nlpd": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v)))
-                    if len(v) > 1 else float("nan"),
+            mean, se = _mean_se([r[m] for r in sel])
+            s[m] = {"nlpd": mean, "se": se,
                     "cover90": float(np.mean([r[m + "_cover90"] for r in sel]))}
-        if "pfn" in methods:
-            d = np.array([r["pfn"] - r["nuts"] for r in sel])
-            s["pfn_minus_nuts"] = {"mean": float(d.mean()),
-                                   "se": float(d.std(ddof=1) / np.sqrt(len(d)))
-                                   if len(d) > 1 else float("nan")}
+        if has_gap:
+            mean, se = _mean_se([r["pfn"] - r[ref] for r in sel])
+            s[gap] = {"mean": mean, "se": se}
         summary[n] = s
     lines = ["| n | " + " | ".join(f"{m} NLPD" for m in methods)
-             + (" | PFN - NUTS |" if "pfn" in methods else " |")
+             + (f" | PFN - {ref} |" if has_gap else " |")
              + " " + " | ".join(f"{m} 90% cover" for m in methods) + " |"]
-    lines.append("|" + "---|" * (1 + 2 * len(methods) + ("pfn" in methods)))
+    lines.append("|" + "---|" * (1 + 2 * len(methods) + has_gap))
     for n, s in summary.items():
         cells = [f"{s[m]['nlpd']:.3f} ± {s[m]['se']:.3f}" for m in methods]
-        if "pfn" in methods:
-            cells.append(f"{s['pfn_minus_nuts']['mean']:+.3f} ± {s['pfn_minus_nuts']['se']:.3f}")
+        if has_gap:
+            cells.append(f"{s[gap]['mean']:+.3f} ± {s[gap]['se']:.3f}")
         cells += [f"{s[m]['cover90']:.2f}" for m in methods]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
@@ -184,19 +185,20 @@ def report(rows, args):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ns = list(summary)
+        ns = list(args.ns)
         for m in methods:
-            if m == "nuts":
+            if m == ref:
                 continue
-            gaps = [np.array([r[m] - r["nuts"] for r in rows if r["n"] == n]) for n in ns]
+            gaps = [np.array([r[m] - r[ref] for r in rows if r["n"] == n]) for n in ns]
             ax.errorbar(ns, [g.mean() for g in gaps],
                         yerr=[g.std(ddof=1) / np.sqrt(len(g)) for g in gaps], marker="o",
                         capsize=3, label=m)
-        ax.axhline(0.0, color="k", lw=0.8, label="nuts (Bayes-optimal)")
+        label = "nuts (Bayes-optimal)" if ref == "nuts" else "oracle (true hyperparameters)"
+        ax.axhline(0.0, color="k", lw=0.8, label=label)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=0.1)
         ax.set_xlabel("context points n")
-        ax.set_ylabel("NLPD minus NUTS NLPD (nats per point)")
+        ax.set_ylabel(f"NLPD minus {ref} NLPD (nats per point)")
         ax.set_title(f"gp_hyperprior, {len(rows) // len(ns)} data sets per n")
         ax.legend()
         fig.tight_layout()

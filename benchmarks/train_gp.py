@@ -36,6 +36,9 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mlp-ratio", type=int, default=2)
+    ap.add_argument("--head", choices=["bar", "gmm"], default="bar",
+                    help="bar (the PFN) or gmm (the Distribution Transformer variant)")
+    ap.add_argument("--components", type=int, default=10, help="mixture components (gmm)")
     ap.add_argument("--kernel", default="rbf")
     ap.add_argument("--x-dim", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -57,7 +60,8 @@ def main(argv=None):
     else:
         borders = prior_borders(task, k_borders, args.buckets)
         cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
-                        n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio)
+                        n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
+                        head=args.head, n_components=args.components)
         net = PFN(cfg, key=k_net)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,

@@ -55,6 +55,29 @@ def test_mixture_predictive_quantiles_and_samples():
     np.testing.assert_allclose(s.std(0), sd, rtol=0.03)
 
 
+def test_mixture_predictive_with_weights_per_query_point():
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(1)
+    w = np.array([[0.9, 0.2], [0.1, 0.8]])  # query 0 mostly component 0, query 1 component 1
+    mu, var = np.array([[-2.0, -2.0], [2.0, 2.0]]), np.full((2, 2), 0.25)
+    p = GaussianMixturePredictive(w, mu, var)
+    y = rng.normal(size=2)
+    manual = logsumexp(np.log(w) + stats.norm.logpdf(y[None], mu, np.sqrt(var)), axis=0)
+    np.testing.assert_allclose(np.asarray(p.log_prob(y)), manual, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(p.mean()), [-1.6, 1.2], rtol=1e-5)
+    s = np.asarray(p.sample(jax.random.key(0), 20_000))
+    np.testing.assert_allclose((s > 0).mean(0), [0.1, 0.8], atol=0.01)
+    # one query point's predictive as a 1-D fb.GMM: the same density
+    g = p.gmm(1)
+    assert isinstance(g, fb.GMM) and g.dim == 1
+    np.testing.assert_allclose(float(g.log_prob(jnp.array([[y[1]]]))[0]), manual[1], rtol=1e-5)
+    with pytest.raises(IndexError, match="below 2"):
+        p.gmm(2)
+    with pytest.raises(ValueError, match=r"weights \(S,\) or \(S, m\)"):
+        GaussianMixturePredictive(np.ones(3), mu, var)
+
+
 def _nlpd_gap(pred, ref, y):
     return float(np.mean(np.abs(np.asarray(pred.log_prob(y)) - np.asarray(ref.log_prob(y)))))
 

@@ -216,3 +216,56 @@ def test_infer_answers_with_the_network_inside_and_nuts_outside_the_range():
         fb.infer(model, (cx, cy, qx), method="smc", key=jax.random.key(0))
     with pytest.raises(ValueError, match="context_x, context_y, query_x"):
         fb.infer(model, (cx, cy), key=jax.random.key(0))
+
+
+def test_gmm_head_gives_a_mixture_per_query_point():
+    from flashbayes.amortized._pfn import PFNPredictor
+    from flashbayes.distributions import GaussianMixturePredictive
+
+    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=1,
+                    head="gmm", n_components=4)
+    net = PFN(cfg, key=jax.random.key(0))
+    cx, cy, cm, qx = _data(m=5)
+    pred = net.predictive(cx, cy, cm, qx)
+    assert isinstance(pred, GaussianMixturePredictive) and pred.means.shape == (4, 5)
+    # untrained: equal weights, distinct means (no two components alike, so they can separate)
+    np.testing.assert_allclose(np.asarray(pred.weights), 0.25, rtol=1e-6)
+    assert len(np.unique(np.round(np.asarray(pred.means[:, 0]), 4))) == 4
+    # a trained-like head: the log-space training density equals the mixture's log_prob
+    w = 0.3 * jax.random.normal(jax.random.key(3), net.head.weight.shape)
+    net = eqx.tree_at(lambda n: n.head.weight, net, w)
+    qy = jnp.linspace(-1.0, 1.0, 5)
+    np.testing.assert_allclose(np.asarray(net.log_density(cx, cy, cm, qx, qy)),
+                               np.asarray(net.predictive(cx, cy, cm, qx).log_prob(qy)),
+                               rtol=1e-5, atol=1e-5)
+    task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
+    grads = eqx.filter_grad(pfn_loss)(net, task.sample_batch(jax.random.key(1), 3, n_query=4))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    assert np.any(np.asarray(grads.head.weight) != 0)
+    # through the predictor: other units map back exactly; query point j is an fb.GMM
+    model = PFNPredictor(net, task)
+    a, c, d = 30.0, 1000.0, 50_000.0
+    base = model.predictive(np.asarray(cx), np.asarray(cy), np.asarray(qx), standardize=True)
+    other = model.predictive(a * np.asarray(cx), c * np.asarray(cy) + d, a * np.asarray(qx))
+    np.testing.assert_allclose(np.asarray(other.log_prob(c * qy + d)),
+                               np.asarray(base.log_prob(qy)) - np.log(c), atol=1e-4)
+    g = other.gmm(2)
+    assert isinstance(g, fb.GMM) and g.dim == 1
+    np.testing.assert_allclose(float(g.log_prob(jnp.array([[c * qy[2] + d]]))[0]),
+                               float(other.log_prob(c * qy + d)[2]), rtol=1e-4)
+    with pytest.raises(ValueError, match="head: expected one of"):
+        PFNConfig(x_dim=1, borders=tuple(np.linspace(-1, 1, 5)), head="flow")
+
+
+def test_gmm_head_round_trips_through_a_checkpoint(tmp_path):
+    from flashbayes.amortized._pfn import PFNPredictor, load_predictor
+
+    cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 21)), d_model=16, n_layers=1,
+                    head="gmm", n_components=3)
+    task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
+    model = PFNPredictor(PFN(cfg, key=jax.random.key(0)), task)
+    loaded = load_predictor(model.save(tmp_path / "g.safetensors"))
+    assert loaded.network.config == cfg
+    x, y, q = np.array([[0.1], [0.4]]), np.array([0.2, -0.3]), np.array([[0.5]])
+    np.testing.assert_array_equal(np.asarray(loaded.predictive(x, y, q).means),
+                                  np.asarray(model.predictive(x, y, q).means))

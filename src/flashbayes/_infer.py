@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -217,12 +218,11 @@ def _infer_predictive(model, data, method, key, options):
         if options:
             raise TypeError(f"options: the network takes none; got {sorted(options)}")
         t0 = time.perf_counter()
-        pred = model.predictive(sx, sy, sq, standardize=False)
-        jax.block_until_ready(pred.logits)
+        pred = jax.block_until_ready(model.predictive(cx, cy, qx, standardize=standardize))
         info = {"path": "amortized", "seconds": {"amortized": time.perf_counter() - t0},
                 "reason": (f"method={method!r}" if method == "amortized" else
                            "the input lies inside the training range")}
-        return type(pred)(pred.borders * scale + shift, pred.logits, info)
+        return dataclasses.replace(pred, info=info)
     reason = f"method={method!r}" if method == "nuts" else f"outside the training range: {why}"
     options.setdefault("warn", False)
     t0 = time.perf_counter()

@@ -21,6 +21,10 @@ from jaxtyping import Array, Bool, Float
 from flashbayes.amortized._checkpoint import CheckpointError, load_tree, read_header
 from flashbayes.amortized._dt import _MLP, ConfigDict
 from flashbayes.distributions._bar import BarDistribution, bar_borders
+from flashbayes.distributions._mixture import GaussianMixturePredictive
+
+HEADS = ("bar", "gmm")
+_SOFTPLUS_ONE = 0.5413248546129181  # softplus(x) = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,11 @@ class PFNConfig(ConfigDict):
         n_heads: attention heads.
         mlp_ratio: hidden width of the MLPs as a multiple of d_model.
         x_low, x_high: the input box the network is trained on; inputs are mapped to [-1, 1].
+        head: "bar" (a Riemann distribution over the buckets of `borders`) or "gmm" (a Gaussian
+            mixture of `n_components` per query point: the Distribution Transformer variant,
+            whose answer feeds the rest of the library as `fb.GMM`s). With "gmm" the borders
+            only set the location and scale of y.
+        n_components: mixture components of the "gmm" head.
     """
 
     x_dim: int
@@ -45,6 +54,8 @@ class PFNConfig(ConfigDict):
     mlp_ratio: int = 2
     x_low: float = 0.0
     x_high: float = 1.0
+    head: str = "bar"
+    n_components: int = 10
 
     _what = "PFN config"
 
@@ -54,7 +65,9 @@ class PFNConfig(ConfigDict):
         if b.ndim != 1 or b.size < 4 or not np.all(np.diff(b) > 0):
             raise ValueError(f"borders: expected at least 4 increasing values; got {b.size} "
                              f"values")
-        for name in ("x_dim", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+        if self.head not in HEADS:
+            raise ValueError(f"head: expected one of {HEADS}; got {self.head!r}")
+        for name in ("x_dim", "d_model", "n_layers", "n_heads", "mlp_ratio", "n_components"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer; got {v!r}")
@@ -68,6 +81,11 @@ class PFNConfig(ConfigDict):
     @property
     def n_buckets(self) -> int:
         return len(self.borders) - 1
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the head's output per query point."""
+        return self.n_buckets if self.head == "bar" else 3 * self.n_components
 
     def y_location_scale(self) -> tuple[float, float]:
         """Median and a robust standard deviation of y implied by the borders (which are prior
@@ -139,9 +157,13 @@ class PFN(eqx.Module):
         self.blocks = [_Block(dm, config.n_heads, config.mlp_ratio, key=k)
                        for k in keys[5:]]
         self.ln_out = eqx.nn.LayerNorm(dm)
-        head = eqx.nn.Linear(dm, config.n_buckets, key=keys[4])
+        head = eqx.nn.Linear(dm, config.n_outputs, key=keys[4])
+        bias = jnp.zeros_like(head.bias)
+        if config.head == "gmm":  # equal weights, unit scales, means spread over +-1.5 sd
+            k = config.n_components
+            bias = bias.at[k:2 * k].set(jnp.linspace(-1.5, 1.5, k))
         self.head = eqx.tree_at(lambda h: (h.weight, h.bias), head,
-                                (jnp.zeros_like(head.weight), jnp.zeros_like(head.bias)))
+                                (jnp.zeros_like(head.weight), bias))
 
     def __call__(self, context_x: Float[Array, "N D"], context_y: Float[Array, " N"],
                  cmask: Bool[Array, " N"], query_x: Float[Array, "M D"]) -> Float[Array, "M K"]:
@@ -162,10 +184,40 @@ class PFN(eqx.Module):
             tok = block(tok, n_ctx, kv_mask)
         return jax.vmap(lambda t: self.head(self.ln_out(t)))(tok[n_ctx:])
 
-    def predictive(self, context_x, context_y, cmask, query_x) -> BarDistribution:
-        """The bar distribution of y* at each of the M query points (batch shape (M,))."""
-        logits = self(context_x, context_y, cmask, query_x)
-        return BarDistribution(jnp.asarray(self.config.borders, logits.dtype), logits)
+    def predictive(self, context_x, context_y, cmask, query_x):
+        """The predictive of y* at each of the M query points: a bar distribution (batch shape
+        (M,)) or, for the "gmm" head, a `GaussianMixturePredictive` over M points."""
+        return self.distribution(self(context_x, context_y, cmask, query_x))
+
+    def _gmm_parts(self, out):
+        """(log weights, means, standard deviations), each (M, K), from the gmm head."""
+        k = self.config.n_components
+        y_loc, y_scale = self.config.y_location_scale()
+        logw = jax.nn.log_softmax(out[..., :k], -1)
+        mu = y_loc + y_scale * out[..., k:2 * k]
+        sd = y_scale * (jax.nn.softplus(out[..., 2 * k:] + _SOFTPLUS_ONE) + 1e-3)
+        return logw, mu, sd
+
+    def distribution(self, out, y_shift: float = 0.0, y_scale: float = 1.0):
+        """The predictive from the head's output `out` (M, n_outputs), mapped to other units by
+        y = y_shift + y_scale * y (exactly: bar borders, or mixture means and scales)."""
+        if self.config.head == "bar":
+            borders = np.asarray(self.config.borders, np.float64) * y_scale + y_shift
+            return BarDistribution(jnp.asarray(borders, out.dtype), out)
+        logw, mu, sd = self._gmm_parts(out)
+        return GaussianMixturePredictive(jnp.exp(logw).T, (y_shift + y_scale * mu).T,
+                                         ((y_scale * sd) ** 2).T)
+
+    def log_density(self, context_x, context_y, cmask, query_x, query_y) -> Array:
+        """(M,) log predictive density of the query values (the training objective's terms;
+        the "gmm" head's in log space throughout)."""
+        out = self(context_x, context_y, cmask, query_x)
+        if self.config.head == "bar":
+            return self.distribution(out).log_prob(query_y)
+        logw, mu, sd = self._gmm_parts(out)
+        z = (query_y[:, None] - mu) / sd
+        return jax.scipy.special.logsumexp(
+            logw - 0.5 * z**2 - jnp.log(sd) - 0.5 * np.log(2 * np.pi), -1)
 
 
 def pfn_loss(network: PFN, batch) -> Array:
@@ -173,7 +225,7 @@ def pfn_loss(network: PFN, batch) -> Array:
     (the PFN training objective)."""
 
     def one(cx, cy, cm, qx, qy):
-        return -jnp.mean(network.predictive(cx, cy, cm, qx).log_prob(qy))
+        return -jnp.mean(network.log_density(cx, cy, cm, qx, qy))
 
     return jnp.mean(jax.vmap(one)(batch.context_x, batch.context_y, batch.cmask,
                                   batch.query_x, batch.query_y))
@@ -338,10 +390,11 @@ class PFNPredictor:
         return standardize_problem(context_x, context_y, query_x, low=cfg.x_low, high=cfg.x_high)
 
     def predictive(self, context_x, context_y, query_x, *,
-                   standardize: bool | str = "auto") -> BarDistribution:
+                   standardize: bool | str = "auto"):
         """The posterior predictive of y* at each query point: a bar distribution with batch
-        shape (m,) (`log_prob(y) -> (m,)`, `sample(key, k) -> (k, m)`, `mean()`,
-        `quantile(q)`).
+        shape (m,), or for the "gmm" head a `GaussianMixturePredictive` over m points (whose
+        `gmm(j)` is query point j's `fb.GMM`); both have `log_prob(y) -> (m,)`,
+        `sample(key, k) -> (k, m)`, `mean()` and `quantile(q)`.
 
         Args:
             context_x, context_y, query_x: (n, D), (n,) and (m, D) arrays.
@@ -354,7 +407,6 @@ class PFNPredictor:
         """
         from flashbayes._padding import size_bucket
 
-        cfg = self.network.config
         cx, cy, qx = self.task.validate(context_x, context_y, query_x)
         cx, cy, qx, y_shift, y_scale = self.in_standard_units(cx, cy, qx, standardize)
         why = self.out_of_range(cx, qx)
@@ -368,10 +420,9 @@ class PFNPredictor:
         xp[:n], yp[:n] = cx, cy
         qp = np.zeros((mq, d), np.float32)
         qp[:m] = qx
-        logits = self._run(self.network, jnp.asarray(xp), jnp.asarray(yp),
-                           jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
-        borders = np.asarray(cfg.borders, np.float64) * y_scale + y_shift
-        return BarDistribution(jnp.asarray(borders, logits.dtype), logits)
+        out = self._run(self.network, jnp.asarray(xp), jnp.asarray(yp),
+                        jnp.asarray(np.arange(width) < n), jnp.asarray(qp))[:m]
+        return self.network.distribution(out, y_shift, y_scale)
 
 
 def load_predictor(path: str | os.PathLike) -> PFNPredictor:

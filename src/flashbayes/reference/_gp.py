@@ -9,96 +9,17 @@ of query points. Computations run in float32 with the task's diagonal jitter (1e
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.scipy.special import logsumexp, ndtr
-from jaxtyping import Array, Float
+from jaxtyping import Array
+
+from flashbayes.distributions._mixture import GaussianMixturePredictive
 
 _CACHE: dict[Any, Any] = {}
-
-
-class GaussianMixturePredictive(eqx.Module):
-    """Per query point j, p(y_j) = sum_s w_s N(y_j; means[s, j], variances[s, j]).
-
-    Args:
-        weights: (S,) mixture weights (normalised here).
-        means, variances: (S, m).
-        info: what the engine reports (hyperparameters, seconds, diagnostics).
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> p = GaussianMixturePredictive(jnp.ones(1), jnp.zeros((1, 2)), jnp.ones((1, 2)))
-        >>> [round(float(v), 4) for v in p.log_prob(jnp.zeros(2))]
-        [-0.9189, -0.9189]
-        >>> round(float(p.quantile(0.975)[0]), 3), p.sample(jax.random.key(0), 3).shape
-        (1.96, (3, 2))
-    """
-
-    weights: Float[Array, " S"]
-    means: Float[Array, "S m"]
-    variances: Float[Array, "S m"]
-    info: dict = eqx.field(static=True)
-
-    def __init__(self, weights, means, variances, info: dict | None = None):
-        means = jnp.asarray(means)
-        self.weights = jnp.asarray(weights, means.dtype) / jnp.sum(jnp.asarray(weights))
-        self.means = means
-        self.variances = jnp.asarray(variances, means.dtype)
-        if self.means.ndim != 2 or self.variances.shape != self.means.shape or \
-                self.weights.shape != self.means.shape[:1]:
-            raise ValueError(f"expected weights (S,), means and variances (S, m); got "
-                             f"{self.weights.shape}, {self.means.shape}, "
-                             f"{self.variances.shape}")
-        self.info = dict(info or {})
-
-    def log_prob(self, y: Float[Array, " m"]) -> Float[Array, " m"]:
-        """(m,) log predictive density of one value per query point."""
-        y = jnp.asarray(y, self.means.dtype)
-        lp = (-0.5 * (y[None] - self.means) ** 2 / self.variances
-              - 0.5 * jnp.log(2 * math.pi * self.variances))
-        return logsumexp(lp + jnp.log(self.weights)[:, None], axis=0)
-
-    def cdf(self, y: Float[Array, " m"]) -> Float[Array, " m"]:
-        y = jnp.asarray(y, self.means.dtype)
-        return jnp.sum(self.weights[:, None] * ndtr((y[None] - self.means)
-                                                    / jnp.sqrt(self.variances)), 0)
-
-    def mean(self) -> Float[Array, " m"]:
-        return jnp.sum(self.weights[:, None] * self.means, 0)
-
-    def variance(self) -> Float[Array, " m"]:
-        m = self.mean()
-        return jnp.sum(self.weights[:, None] * (self.variances + self.means**2), 0) - m**2
-
-    def quantile(self, q) -> Float[Array, " m"]:
-        """(m,) quantiles at level q (a scalar or (m,) in (0, 1)), by bisection on the CDF."""
-        q = jnp.broadcast_to(jnp.asarray(q, self.means.dtype), self.means.shape[1:])
-        sd = jnp.sqrt(self.variances)
-        lo = jnp.min(self.means - 12 * sd, 0)
-        hi = jnp.max(self.means + 12 * sd, 0)
-
-        def body(_, bounds):
-            a, b = bounds
-            mid = 0.5 * (a + b)
-            below = self.cdf(mid) < q
-            return jnp.where(below, mid, a), jnp.where(below, b, mid)
-
-        a, b = jax.lax.fori_loop(0, 80, body, (lo, hi))
-        return 0.5 * (a + b)
-
-    def sample(self, key: Array, n: int) -> Float[Array, "n m"]:
-        """(n, m) draws; each query point draws its own mixture component."""
-        k1, k2 = jax.random.split(key)
-        comp = jax.random.categorical(k1, jnp.log(self.weights), shape=(n, self.means.shape[1]))
-        cols = jnp.arange(self.means.shape[1])[None]
-        eps = jax.random.normal(k2, (n, self.means.shape[1]), self.means.dtype)
-        return self.means[comp, cols] + jnp.sqrt(self.variances[comp, cols]) * eps
 
 
 def _padded(task, context_x, context_y, query_x):
