@@ -21,16 +21,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashbayes import tasks
+from flashbayes.amortized import PRETRAINED, load_pretrained
 from flashbayes.amortized._pfn import load_predictor
 from flashbayes.reference import gp_nuts, gp_oracle, gp_type2_ml
 
-METHODS = ("oracle", "type2_ml", "nuts", "pfn")
+METHODS = ("oracle", "type2_ml", "nuts", "pfn", "dt")
+NETWORKS = ("pfn", "dt")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None,
                     help="PFN checkpoint file or folder, or gp_hyperprior_pfn (the shipped one)")
+    ap.add_argument("--dt-checkpoint", default=None,
+                    help="GMM-head (DT variant) checkpoint, or gp_hyperprior_dt")
+    ap.add_argument("--reuse", type=Path, nargs="*", default=[],
+                    help="earlier runs' JSON or rows.jsonl: scores found there for the same "
+                         "(n, i) data set are taken, not recomputed (also resumes a run)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                     help="which predictives to score (pfn needs --checkpoint)")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100])
@@ -52,46 +59,81 @@ def main(argv=None):
         return report(rows, args)
 
     task = tasks.get_predictive("gp_hyperprior")
-    model = None
-    if args.checkpoint is not None:
-        if args.checkpoint == "gp_hyperprior_pfn" and not Path(args.checkpoint).exists():
-            from flashbayes.amortized import load_pretrained
-
-            model = load_pretrained(args.checkpoint)
-        else:
-            model = load_predictor(args.checkpoint)
-        task = model.task
+    models = {name: _load(path) for name, path in (("pfn", args.checkpoint),
+                                                    ("dt", args.dt_checkpoint)) if path}
+    if models:
+        task = next(iter(models.values())).task
     if args.latency:
-        return latency(model, args)
-    if "pfn" in args.methods and model is None:
-        ap.error("--methods pfn: expected --checkpoint")
-    run = set(args.methods)
+        if "pfn" not in models:
+            ap.error("--latency: expected --checkpoint")
+        return latency(models["pfn"], args)
+    # a network is scored when its checkpoint is given
+    args.methods = [m for m in args.methods if m not in NETWORKS or m in models]
+    # reference scores of earlier runs (same seed and sizes: the same data sets), and this
+    # run's own journal (a resumed run keeps every score it has)
+    old = {k: {m: v for m, v in r.items() if m.split("_")[0] not in NETWORKS}
+           for k, r in _reused(args.reuse).items()}
+    journal = None
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        path = args.out.with_suffix(".rows.jsonl")
+        for k, r in (_reused([path]) if path.exists() else {}).items():
+            old.setdefault(k, {}).update(r)
+        journal = open(path, "a")
     rows = []
     key = jax.random.key(args.seed)
     for n in args.ns:
         for i in range(args.tasks_per_n):
             kp, kt, kn = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, n), i), 3)
             p = task.sample_problem(kp, n=n, n_query=args.n_query)
-            preds, secs = {}, {}
-            for name in METHODS:
-                if name in run:
-                    t = time.perf_counter()
-                    preds[name] = jax.block_until_ready(
-                        _predict(name, task, model, p, kt if name == "type2_ml" else kn, args))
-                    secs[name] = time.perf_counter() - t
             row = {"n": n, "i": i}
-            if "nuts" in preds:
-                row["nuts_problems"] = preds["nuts"].info["problems"]
-            for name, pred in preds.items():
-                y = jnp.asarray(p.query_y, jnp.float64 if name != "pfn" else jnp.float32)
-                row[name] = float(-np.mean(np.asarray(pred.log_prob(y), np.float64)))
-                lo = np.asarray(pred.quantile(0.05), np.float64)
-                hi = np.asarray(pred.quantile(0.95), np.float64)
-                row[name + "_cover90"] = float(np.mean((p.query_y >= lo) & (p.query_y <= hi)))
-                row[name + "_seconds"] = secs[name]
+            for name in METHODS:
+                if name not in args.methods:
+                    continue
+                if name in old.get((n, i), {}):
+                    row.update({k: v for k, v in old[(n, i)].items()
+                                if k == name or k.startswith(name + "_")})
+                    continue
+                t = time.perf_counter()
+                pred = jax.block_until_ready(_predict(
+                    name, task, models.get(name), p, kt if name == "type2_ml" else kn, args))
+                row.update(_scores(name, pred, p.query_y, time.perf_counter() - t))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if journal is not None:
+                journal.write(json.dumps(row) + "\n")
+                journal.flush()
     return report(rows, args)
+
+
+def _load(path):
+    if path in PRETRAINED and not Path(path).exists():
+        return load_pretrained(path)
+    return load_predictor(path)
+
+
+def _reused(paths):
+    """{(n, i): row} from earlier runs (a JSON with "rows", or a rows.jsonl journal)."""
+    found = {}
+    for path in paths:
+        text = path.read_text()
+        rows = (json.loads(text)["rows"] if path.suffix == ".json" else
+                [json.loads(line) for line in text.splitlines() if line.strip()])
+        for r in rows:
+            found.setdefault((r["n"], r["i"]), {}).update(r)
+    return found
+
+
+def _scores(name, pred, query_y, seconds):
+    y = jnp.asarray(query_y, pred.means.dtype if hasattr(pred, "means") else pred.logits.dtype)
+    lo = np.asarray(pred.quantile(0.05), np.float64)
+    hi = np.asarray(pred.quantile(0.95), np.float64)
+    out = {name: float(-np.mean(np.asarray(pred.log_prob(y), np.float64))),
+           name + "_cover90": float(np.mean((query_y >= lo) & (query_y <= hi))),
+           name + "_seconds": seconds}
+    if name == "nuts":
+        out["nuts_problems"] = pred.info["problems"]
+    return out
 
 
 def _predict(name, task, model, p, key, args):
@@ -102,6 +144,8 @@ def _predict(name, task, model, p, key, args):
     if name == "nuts":
         return gp_nuts(key, task, p.context_x, p.context_y, p.query_x,
                        num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, warn=False)
+    if model.task.n_max < p.context_x.shape[0] or model.task.x_dim != task.x_dim:
+        raise SystemExit(f"{name}: the model's task does not cover these data sets")
     return model.predictive(p.context_x, p.context_y, p.query_x, standardize=False)
 
 
@@ -142,12 +186,11 @@ def _mean_se(v):
 
 
 def report(rows, args):
-    """Per n: NLPD and 90% coverage of each method, and the PFN's paired gap to the best
+    """Per n: NLPD and 90% coverage of each method, and each network's paired gap to the best
     reference scored (NUTS when it ran, else the oracle); one more row pools every n."""
     methods = [m for m in METHODS if m in rows[0]]
     ref = "nuts" if "nuts" in methods else "oracle"
-    gap = f"pfn_minus_{ref}"
-    has_gap = "pfn" in methods and ref in methods
+    nets = [m for m in NETWORKS if m in methods] if ref in methods else []
     summary = {}
     for n in [*args.ns, "all"]:
         sel = [r for r in rows if n == "all" or r["n"] == n]
@@ -156,18 +199,18 @@ def report(rows, args):
             mean, se = _mean_se([r[m] for r in sel])
             s[m] = {"nlpd": mean, "se": se,
                     "cover90": float(np.mean([r[m + "_cover90"] for r in sel]))}
-        if has_gap:
-            mean, se = _mean_se([r["pfn"] - r[ref] for r in sel])
-            s[gap] = {"mean": mean, "se": se}
+        for m in nets:
+            mean, se = _mean_se([r[m] - r[ref] for r in sel])
+            s[f"{m}_minus_{ref}"] = {"mean": mean, "se": se}
         summary[n] = s
     lines = ["| n | " + " | ".join(f"{m} NLPD" for m in methods)
-             + (f" | PFN - {ref} |" if has_gap else " |")
-             + " " + " | ".join(f"{m} 90% cover" for m in methods) + " |"]
-    lines.append("|" + "---|" * (1 + 2 * len(methods) + has_gap))
+             + "".join(f" | {m} - {ref}" for m in nets) + " | "
+             + " | ".join(f"{m} 90% cover" for m in methods) + " |"]
+    lines.append("|" + "---|" * (1 + 2 * len(methods) + len(nets)))
     for n, s in summary.items():
         cells = [f"{s[m]['nlpd']:.3f} ± {s[m]['se']:.3f}" for m in methods]
-        if has_gap:
-            cells.append(f"{s[gap]['mean']:+.3f} ± {s[gap]['se']:.3f}")
+        cells += [f"{s[g]['mean']:+.3f} ± {s[g]['se']:.3f}"
+                  for g in (f"{m}_minus_{ref}" for m in nets)]
         cells += [f"{s[m]['cover90']:.2f}" for m in methods]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)

@@ -91,3 +91,17 @@ def test_gp_refuses_bad_input(checkpoint, tmp_path):
     res = _run(checkpoint, "--data", many, "--no-nuts", "--query", "0:1:3")
     assert res.exit_code == 0 and "trained on 1..12 context points; got 20" in res.output
     assert "type-II ML" in res.output
+
+
+def test_gp_takes_the_shipped_model_by_name(tmp_path):
+    x = np.linspace(0.05, 0.95, 8)
+    data = _data(tmp_path, x, np.sin(6 * x))
+    res = _run("gp_hyperprior_pfn", "--data", data, "--query", "0.1:0.9:5", "--no-nuts",
+               "--no-type2-ml", "--json")
+    assert res.exit_code == 0, res.output
+    band = json.loads(res.output)["network"]
+    # the trained network follows the data: at a context input its band holds the value
+    assert abs(band["mean"][0] - np.sin(0.6)) < 0.3 and band["lower"][0] < np.sin(0.6) < \
+        band["upper"][0]
+    res = _run("gmm_linear", "--data", data, "--no-nuts", "--no-type2-ml")
+    assert res.exit_code == 2 and "Distribution Transformer" in res.output, res.output
