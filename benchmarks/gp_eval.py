@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashbayes import tasks
-from flashbayes.amortized import PRETRAINED, load_pretrained
+from flashbayes.amortized import GP_PRETRAINED, load_pretrained
 from flashbayes.amortized._pfn import load_predictor
 from flashbayes.reference import gp_nuts, gp_oracle, gp_type2_ml
 
@@ -69,35 +69,33 @@ def main(argv=None):
         return latency(models["pfn"], args)
     # a network is scored when its checkpoint is given
     args.methods = [m for m in args.methods if m not in NETWORKS or m in models]
-    # reference scores of earlier runs (same seed and sizes: the same data sets), and this
-    # run's own journal (a resumed run keeps every score it has)
-    old = {k: {m: v for m, v in r.items() if m.split("_")[0] not in NETWORKS}
-           for k, r in _reused(args.reuse).items()}
+    # scores of earlier runs (--reuse) and of this run's own journal (a resumed run), taken
+    # where the method ran with the same setting on the same data set (seed, n, i, n_query)
+    paths = list(args.reuse)
     journal = None
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        path = args.out.with_suffix(".rows.jsonl")
-        for k, r in (_reused([path]) if path.exists() else {}).items():
-            old.setdefault(k, {}).update(r)
-        journal = open(path, "a")
+        jpath = args.out.with_suffix(".rows.jsonl")
+        paths += [jpath] if jpath.exists() else []
+        journal = open(jpath, "a")
+    old = _reused(paths)
+    settings = {m: _setting(m, args, models.get(m)) for m in args.methods}
     rows = []
     key = jax.random.key(args.seed)
     for n in args.ns:
         for i in range(args.tasks_per_n):
             kp, kt, kn = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, n), i), 3)
             p = task.sample_problem(kp, n=n, n_query=args.n_query)
-            row = {"n": n, "i": i}
-            for name in METHODS:
-                if name not in args.methods:
-                    continue
-                if name in old.get((n, i), {}):
-                    row.update({k: v for k, v in old[(n, i)].items()
-                                if k == name or k.startswith(name + "_")})
-                    continue
-                t = time.perf_counter()
-                pred = jax.block_until_ready(_predict(
-                    name, task, models.get(name), p, kt if name == "type2_ml" else kn, args))
-                row.update(_scores(name, pred, p.query_y, time.perf_counter() - t))
+            row = {"n": n, "i": i, "settings": {}}
+            for name in args.methods:
+                if old.get((n, i), {}).get(name) == settings[name]:
+                    row.update(old[(n, i)]["scores"][name])
+                else:
+                    t = time.perf_counter()
+                    pred = jax.block_until_ready(_predict(
+                        name, task, models.get(name), p, kt if name == "type2_ml" else kn, args))
+                    row.update(_scores(name, pred, p.query_y, time.perf_counter() - t))
+                row["settings"][name] = settings[name]
             rows.append(row)
             print(json.dumps(row), flush=True)
             if journal is not None:
@@ -107,20 +105,35 @@ def main(argv=None):
 
 
 def _load(path):
-    if path in PRETRAINED and not Path(path).exists():
+    if path in GP_PRETRAINED and not Path(path).exists():
         return load_pretrained(path)
     return load_predictor(path)
 
 
+def _setting(name, args, model):
+    """What a method's score on a data set depends on besides the data set."""
+    out = f"seed={args.seed},n_query={args.n_query}"
+    if name == "nuts":
+        out += f",warmup={args.nuts_warmup},samples={args.nuts_samples}"
+    if model is not None:
+        out += f",model={Path(model.meta.get('path', '?')).resolve()}@{model.meta.get('step')}"
+    return out
+
+
 def _reused(paths):
-    """{(n, i): row} from earlier runs (a JSON with "rows", or a rows.jsonl journal)."""
+    """{(n, i): {method: setting, "scores": {method: its row entries}}} from earlier runs (a
+    JSON with "rows", or a rows.jsonl journal); rows without settings are not reused."""
     found = {}
     for path in paths:
         text = path.read_text()
         rows = (json.loads(text)["rows"] if path.suffix == ".json" else
                 [json.loads(line) for line in text.splitlines() if line.strip()])
         for r in rows:
-            found.setdefault((r["n"], r["i"]), {}).update(r)
+            entry = found.setdefault((r["n"], r["i"]), {"scores": {}})
+            for m, setting in r.get("settings", {}).items():
+                entry[m] = setting
+                entry["scores"][m] = {k: v for k, v in r.items()
+                                      if k == m or k.startswith(m + "_")}
     return found
 
 
@@ -145,7 +158,9 @@ def _predict(name, task, model, p, key, args):
         return gp_nuts(key, task, p.context_x, p.context_y, p.query_x,
                        num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, warn=False)
     if model.task.n_max < p.context_x.shape[0] or model.task.x_dim != task.x_dim:
-        raise SystemExit(f"{name}: the model's task does not cover these data sets")
+        raise SystemExit(f"{name}: expected a model for {p.context_x.shape[0]} context points "
+                         f"in {task.x_dim} dimensions; it takes up to {model.task.n_max} in "
+                         f"{model.task.x_dim}")
     return model.predictive(p.context_x, p.context_y, p.query_x, standardize=False)
 
 
@@ -154,11 +169,11 @@ def latency(model, args, repeats=200):
     (through PFNPredictor, validation and padding included) and of warm NUTS, side by side."""
     task = model.task
     p = task.sample_problem(jax.random.key(args.seed), n=50, n_query=100)
-    jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x).logits)
+    jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x).logits)
+        jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x))
         times.append(time.perf_counter() - t)
     pfn = float(np.median(times))
     nuts_times = []

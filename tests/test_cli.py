@@ -127,6 +127,9 @@ def test_bad_inputs(tiny_model_path, inputs, tmp_path):
                                 "--data", data), "--prior", "no such file")
     _assert_one_line_error(_run("infer", tiny_model_path, "--prior", prior, "--data",
                                 tmp_path / "d.csv"), "--data", "no such file")
+    # a GP predictive model is not a Distribution Transformer: pointed to `flashbayes gp`
+    _assert_one_line_error(_run("infer", "gp_hyperprior_pfn", "--prior", prior, "--data", data),
+                           "is a GP predictive model", "flashbayes gp gp_hyperprior_pfn")
     # malformed JSON
     bad = tmp_path / "bad.json"
     bad.write_text("{weights: [1]")

@@ -238,6 +238,19 @@ def test_gmm_head_gives_a_mixture_per_query_point():
     np.testing.assert_allclose(np.asarray(net.log_density(cx, cy, cm, qx, qy)),
                                np.asarray(net.predictive(cx, cy, cm, qx).log_prob(qy)),
                                rtol=1e-5, atol=1e-5)
+    # both against the stated parametrisation, from the raw head output, with scipy: weights
+    # softmax(a), means loc + scale b, sds scale (softplus(c + log(e - 1)) + 1e-3)
+    from scipy import stats
+    from scipy.special import logsumexp, softmax
+
+    raw = np.asarray(net(cx, cy, cm, qx), np.float64)
+    loc, scale = cfg.y_location_scale()
+    a, b, c = raw[:, :4], raw[:, 4:8], raw[:, 8:]
+    sd = scale * (np.logaddexp(0.0, c + np.log(np.e - 1)) + 1e-3)
+    want = logsumexp(np.log(softmax(a, -1)) + stats.norm.logpdf(
+        np.asarray(qy)[:, None], loc + scale * b, sd), axis=-1)
+    np.testing.assert_allclose(np.asarray(net.log_density(cx, cy, cm, qx, qy)), want, rtol=1e-4,
+                               atol=1e-4)
     task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
     grads = eqx.filter_grad(pfn_loss)(net, task.sample_batch(jax.random.key(1), 3, n_query=4))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))

@@ -44,8 +44,7 @@ def predictive_bands(model, context_x, context_y, query_x, *, key, nuts: bool = 
         out["network"] = {"refused": why}
     else:
         t0 = time.perf_counter()
-        pred = model.predictive(sx, sy, sq, standardize=False)
-        jax.block_until_ready(pred.logits)
+        pred = jax.block_until_ready(model.predictive(sx, sy, sq, standardize=False))
         add("network", pred, time.perf_counter() - t0)
     k_ml, k_nuts = jax.random.split(key)
     ref_task = model.reference_task(sx.shape[0])  # the references take any context size
@@ -150,19 +149,24 @@ def register(app: typer.Typer, *, read_csv, check_out, user_errors, usage_error,
         import jax
         import numpy as np
 
-        from flashbayes.amortized import PRETRAINED, CheckpointError, load_pretrained
-        from flashbayes.amortized._pfn import PFNPredictor, load_predictor
+        from flashbayes.amortized import (
+            DT_PRETRAINED,
+            GP_PRETRAINED,
+            CheckpointError,
+            load_pretrained,
+        )
+        from flashbayes.amortized._pfn import load_predictor
 
         path = Path(checkpoint)
-        if checkpoint in PRETRAINED and not path.exists():
+        names = ", ".join(GP_PRETRAINED)
+        if checkpoint in GP_PRETRAINED and not path.exists():
             model = load_pretrained(checkpoint)
-            if not isinstance(model, PFNPredictor):
-                raise usage_error(f"checkpoint: expected a GP model (gp_hyperprior_pfn); "
-                                  f"{checkpoint!r} is a Distribution Transformer")
+        elif checkpoint in DT_PRETRAINED and not path.exists():
+            raise usage_error(f"checkpoint: expected a GP model ({names}); {checkpoint!r} is a "
+                              f"Distribution Transformer")
         elif not path.exists():
-            raise usage_error(f"checkpoint: expected a shipped GP model's name "
-                              f"(gp_hyperprior_pfn) or a PFN checkpoint file; got {checkpoint} "
-                              "(no such file)")
+            raise usage_error(f"checkpoint: expected a shipped GP model's name ({names}) or a "
+                              f"PFN checkpoint file; got {checkpoint} (no such file)")
         else:
             try:
                 model = load_predictor(path)

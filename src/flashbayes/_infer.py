@@ -73,11 +73,15 @@ def infer(model: Any, data: Any = None, *, prior: Any = None, method: str = "aut
             `khat_threshold` and the input lies inside the training range; otherwise it runs
             NUTS started from amortized draws. For a NumPyro model "auto" means NUTS.
         key: PRNG key (required except for "amortized" and "exact").
-        khat_threshold, khat_draws: the k-hat check of "auto".
-        **options: passed to the engine (e.g. `num_samples`, `family`, `dense_mass`).
+        khat_threshold, khat_draws: the k-hat check of "auto" (posterior models only).
+        **options: passed to the engine (e.g. `num_samples`, `family`, `dense_mass`); for a GP
+            model, `standardize` ("auto", True, False: see `PFNPredictor.predictive`) and the
+            options of `flashbayes.reference.gp_nuts`, used when NUTS answers.
 
     Returns:
-        A posterior (a `GMM` or a `SampleSet`) whose `info` dict says which path was taken
+        A posterior (a `GMM` or a `SampleSet`; for a GP model the predictive, a
+        `BarDistribution` or `GaussianMixturePredictive`) whose `info` dict says which path was
+        taken
         (`info["path"]`), why (`info["reason"]`), the k-hat where computed (`info["khat"]`) and
         the seconds spent in each stage (`info["seconds"]`).
 
@@ -92,13 +96,12 @@ def infer(model: Any, data: Any = None, *, prior: Any = None, method: str = "aut
     """
     from flashbayes._runtime import limit_blas_threads
     from flashbayes.amortized import AmortizedPosterior
+    from flashbayes.amortized._pfn import PFNPredictor
     from flashbayes.reference import engines, get_engine
     from flashbayes.reference._target import NumPyroTarget, TaskTarget
 
     limit_blas_threads()
     valid = ["auto", "amortized", *engines()]
-    from flashbayes.amortized._pfn import PFNPredictor
-
     if isinstance(model, PFNPredictor):
         valid = list(PREDICTIVE_METHODS)
     if method not in valid:
@@ -107,11 +110,10 @@ def infer(model: Any, data: Any = None, *, prior: Any = None, method: str = "aut
         raise ValueError(f"key: expected a PRNG key (jax.random.key(...)) for method "
                          f"{method!r}; got None")
 
-    from flashbayes.amortized._pfn import PFNPredictor
-
     if isinstance(model, PFNPredictor):
         if prior is not None:
-            raise ValueError("prior: a GP predictive model holds its hyperprior; got prior=...")
+            raise ValueError(f"prior: expected None for a GP predictive model (it holds its "
+                             f"hyperprior); got a {type(prior).__name__}")
         return _infer_predictive(model, data, method, key, options)
     if isinstance(model, AmortizedPosterior):
         if prior is None:
@@ -201,8 +203,10 @@ def _predictive_problem(data):
         return tuple(data[n] for n in names)
     if isinstance(data, (tuple, list)) and len(data) == 3:
         return tuple(data)
+    got = (f"a {type(data).__name__} of length {len(data)}"
+           if isinstance(data, (tuple, list)) else f"a {type(data).__name__}")
     raise ValueError(f"data: expected (context_x, context_y, query_x) or a dict of those for a "
-                     f"GP predictive model; got {type(data).__name__}")
+                     f"GP predictive model; got {got}")
 
 
 def _infer_predictive(model, data, method, key, options):
@@ -215,8 +219,10 @@ def _infer_predictive(model, data, method, key, options):
     sx, sy, sq, shift, scale = model.in_standard_units(cx, cy, qx, standardize)
     why = model.out_of_range(sx, sq)
     if method == "amortized" or (method == "auto" and not why):
-        if options:
-            raise TypeError(f"options: the network takes none; got {sorted(options)}")
+        # options are NUTS's, for the fallback of "auto"; "amortized" has no use for them
+        if options and method == "amortized":
+            raise TypeError(f"options: expected none for method 'amortized' (the network "
+                            f"takes none); got {sorted(options)}")
         t0 = time.perf_counter()
         pred = jax.block_until_ready(model.predictive(cx, cy, qx, standardize=standardize))
         info = {"path": "amortized", "seconds": {"amortized": time.perf_counter() - t0},

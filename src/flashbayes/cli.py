@@ -57,14 +57,18 @@ def _fmt_seconds(s: float | None) -> str:
 
 def _load_model(checkpoint: str, task: str | None = None):
     import flashbayes as fb
-    from flashbayes.amortized import PRETRAINED
+    from flashbayes.amortized import DT_PRETRAINED, GP_PRETRAINED
 
     path = Path(checkpoint)
-    if not path.exists() and checkpoint in PRETRAINED:
+    if not path.exists() and checkpoint in GP_PRETRAINED:
+        raise UsageError(f"checkpoint: expected a Distribution Transformer "
+                         f"({', '.join(DT_PRETRAINED)} or a checkpoint); {checkpoint!r} is a GP "
+                         f"predictive model: use `flashbayes gp {checkpoint} --data ...`")
+    if not path.exists() and checkpoint in DT_PRETRAINED:
         model = fb.load_pretrained(checkpoint)
     elif not path.exists():
         raise UsageError(f"checkpoint: expected a file, a training folder or one of "
-                         f"{', '.join(PRETRAINED)}; got {checkpoint!r} (no such file)")
+                         f"{', '.join(DT_PRETRAINED)}; got {checkpoint!r} (no such file)")
     else:
         model = fb.load(path)
     if task is not None and model.task.name != task:

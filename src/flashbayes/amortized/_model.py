@@ -297,8 +297,11 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
     return AmortizedPosterior(network, task_obj, meta=meta)
 
 
-PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking",
-              "gp_hyperprior_pfn")
+# Distribution Transformers (prior and data in, posterior out), then GP predictive networks
+# (context points and query inputs in, posterior predictive out)
+DT_PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking")
+GP_PRETRAINED = ("gp_hyperprior_pfn",)
+PRETRAINED = DT_PRETRAINED + GP_PRETRAINED
 
 
 def pretrained_path(name: str) -> Path:
@@ -326,7 +329,7 @@ def load_pretrained(name: str):
     if not path.is_file():
         raise FileNotFoundError(f"pretrained model {name!r}: expected the file {path}; it is "
                                 "missing from this installation")
-    if read_header(path).get("kind") == "pfn":
+    if name in GP_PRETRAINED:
         from flashbayes.amortized._pfn import load_predictor
 
         return load_predictor(path)

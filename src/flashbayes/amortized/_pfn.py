@@ -1,5 +1,6 @@
 """A prior-data fitted network (PFN): (context points, query inputs) -> predictive density of y*
-at every query, in one forward pass, as a bar (Riemann) distribution.
+at every query, in one forward pass, as a bar (Riemann) distribution or, with the "gmm" head (the
+Distribution Transformer variant), as a Gaussian mixture per query point.
 
 Context tokens embed (x, y); query tokens embed x only. In every layer all tokens attend to the
 context tokens (plus one learned null token) and to nothing else, so context points are an
@@ -121,10 +122,13 @@ class _Block(eqx.Module):
 
 
 class PFN(eqx.Module):
-    """The network. `__call__` returns (M, K) bucket logits; `predictive` the bar distribution.
+    """The network. `__call__` returns the head's raw (M, n_outputs) output: K bucket logits
+    (bar head) or 3 K mixture parameters (gmm head); `predictive` the distribution.
 
-    The output layer starts at zero: an untrained network gives every bucket the same
-    probability, which (the borders being prior quantiles) is the prior predictive of y.
+    The output layer's weights start at zero. Bar head: an untrained network gives every bucket
+    the same probability, which (the borders being prior quantiles) is the prior predictive of
+    y. Gmm head: equal weights and unit-scale components spread over +-1.5 prior standard
+    deviations, distinct so that training can separate them.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np

@@ -17,6 +17,8 @@ import numpy as np
 from jax.scipy.special import ndtr, ndtri
 from jaxtyping import Array, Float
 
+from flashbayes.distributions._info import Info
+
 _LOG_HALFNORMAL = math.log(2.0) - 0.5 * math.log(2 * math.pi)
 _HALFNORMAL_MEAN = math.sqrt(2.0 / math.pi)
 _HALFNORMAL_MEDIAN = 0.6744897501960817  # Phi^-1(3/4)
@@ -58,7 +60,7 @@ class BarDistribution(eqx.Module):
     Args:
         borders: (K + 1,) increasing borders (see the module docstring for the tails).
         logits: (..., K) unnormalised log bucket probabilities; the leading axes are the batch.
-        info: what produced it (`fb.infer` says which path it took), or None.
+        info: what produced it (`fb.infer` says which path it took); an `Info` dict.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -73,12 +75,12 @@ class BarDistribution(eqx.Module):
 
     borders: Float[Array, " K1"]
     logits: Float[Array, "... K"]
-    info: dict | None = eqx.field(static=True, default=None)
+    info: Info = eqx.field(static=True, default=None)
 
     def __init__(self, borders, logits, info: dict | None = None):
         self.borders = jnp.asarray(borders)
         self.logits = jnp.asarray(logits)
-        self.info = info
+        self.info = Info(info or {})
         if self.borders.ndim != 1 or self.borders.shape[0] < 4:
             raise ValueError(f"borders: expected a 1-D array of at least 4 values; got shape "
                              f"{self.borders.shape}")

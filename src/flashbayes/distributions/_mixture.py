@@ -8,8 +8,11 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp, ndtr
 from jaxtyping import Array, Float
+
+from flashbayes.distributions._info import Info
 
 
 class GaussianMixturePredictive(eqx.Module):
@@ -33,7 +36,7 @@ class GaussianMixturePredictive(eqx.Module):
     weights: Float[Array, "S m"]
     means: Float[Array, "S m"]
     variances: Float[Array, "S m"]
-    info: dict = eqx.field(static=True)
+    info: Info = eqx.field(static=True)
 
     def __init__(self, weights, means, variances, info: dict | None = None):
         means = jnp.asarray(means)
@@ -43,10 +46,15 @@ class GaussianMixturePredictive(eqx.Module):
             raise ValueError(f"expected weights (S,) or (S, m), means and variances (S, m); "
                              f"got {w.shape}, {means.shape}, {jnp.shape(variances)}")
         w = jnp.broadcast_to(w.reshape(w.shape[0], -1), means.shape)
+        if not isinstance(w, jax.core.Tracer):
+            wn = np.asarray(w)
+            if not (np.all(wn >= 0) and np.all(wn.sum(0) > 0)):
+                raise ValueError("weights: expected non-negative values with a positive sum for "
+                                 f"every query point; got values in [{wn.min()}, {wn.max()}]")
         self.weights = w / jnp.sum(w, 0, keepdims=True)
         self.means = means
         self.variances = jnp.asarray(variances, means.dtype)
-        self.info = dict(info or {})
+        self.info = Info(info or {})
 
     def log_prob(self, y: Float[Array, " m"]) -> Float[Array, " m"]:
         """(m,) log predictive density of one value per query point."""
