@@ -132,10 +132,11 @@ def _gp_nlpd_gaps(model, n_problems, wrong=False):
 
 @pytest.mark.slow
 def test_shipped_gp_model_is_near_the_exact_predictive_and_a_wrong_one_is_not():
-    # NUTS over the hyperparameters sits about 0.12 nats per point above the oracle on these
-    # sizes (docs/gp.md); the bound allows the PFN that and some more, and no more
+    # NUTS over the hyperparameters sits about 0.12 nats per point above the oracle and the
+    # shipped PFN about 0.19 (docs/gp.md, 1,000 data sets); an exact GP whose noise is halved
+    # sits 0.42 above it on these data sets and fails the same bound
     model = fb.load_pretrained("gp_hyperprior_pfn")
     pfn = _gp_nlpd_gaps(model, 60)
-    assert np.mean(pfn) < 0.35, np.mean(pfn)
+    assert np.mean(pfn) < 0.3, np.mean(pfn)
     wrong = _gp_nlpd_gaps(model, 60, wrong=True)
-    assert np.mean(wrong) > 0.35, np.mean(wrong)
+    assert np.mean(wrong) > 0.3, np.mean(wrong)

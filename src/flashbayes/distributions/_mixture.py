@@ -76,20 +76,10 @@ class GaussianMixturePredictive(eqx.Module):
         return jnp.sum(self.weights * (self.variances + self.means**2), 0) - m**2
 
     def quantile(self, q) -> Float[Array, " m"]:
-        """(m,) quantiles at level q (a scalar or (m,) in (0, 1)), by bisection on the CDF."""
+        """(m,) quantiles at level q (a scalar or (m,) in (0, 1)), by bisection on the CDF (one
+        compiled program per shape)."""
         q = jnp.broadcast_to(jnp.asarray(q, self.means.dtype), self.means.shape[1:])
-        sd = jnp.sqrt(self.variances)
-        lo = jnp.min(self.means - 12 * sd, 0)
-        hi = jnp.max(self.means + 12 * sd, 0)
-
-        def body(_, bounds):
-            a, b = bounds
-            mid = 0.5 * (a + b)
-            below = self.cdf(mid) < q
-            return jnp.where(below, mid, a), jnp.where(below, b, mid)
-
-        a, b = jax.lax.fori_loop(0, 80, body, (lo, hi))
-        return 0.5 * (a + b)
+        return _quantile(self.weights, self.means, self.variances, q)
 
     def sample(self, key: Array, n: int) -> Float[Array, "n m"]:
         """(n, m) draws; each query point draws its own mixture component."""
@@ -113,3 +103,18 @@ class GaussianMixturePredictive(eqx.Module):
             raise IndexError(f"query point: expected an index below {self.n_queries}; got {j}")
         return GMM(self.weights[:, j], self.means[:, j, None],
                    jnp.sqrt(self.variances[:, j])[:, None, None])
+
+
+@jax.jit
+def _quantile(weights, means, variances, q):
+    sd = jnp.sqrt(variances)
+
+    def body(_, bounds):
+        a, b = bounds
+        mid = 0.5 * (a + b)
+        below = jnp.sum(weights * ndtr((mid[None] - means) / sd), 0) < q
+        return jnp.where(below, mid, a), jnp.where(below, b, mid)
+
+    a, b = jax.lax.fori_loop(0, 80, body, (jnp.min(means - 12 * sd, 0),
+                                           jnp.max(means + 12 * sd, 0)))
+    return 0.5 * (a + b)
