@@ -47,8 +47,14 @@ SECTIONS = [
     ("sbibm_1e4_maf_es.md", "NPE on sbibm at 10^4 simulations (quick C2ST)",
      "From `python benchmarks/sbibm.py --budgets 10000 --head maf --c2st-early-stopping --name "
      "sbibm_1e4_maf_es` (`benchmarks/results/sbibm_1e4_maf_es.json`); quick C2ST as above."),
-    ("gp_pfn_eval.md", "GP posterior predictives (PFN, not shipped)",
-     "From `python benchmarks/gp_eval.py` (`benchmarks/results/gp_pfn_eval.json`); see "
+    ("gp_eval_1000.md", "GP posterior predictives: 1,000 held-out data sets",
+     "From `python benchmarks/gp_eval.py --methods oracle pfn dt --tasks-per-n 100` "
+     "(`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT variant against the "
+     "oracle GP (true hyperparameters); NLPD in nats per query point; see docs/gp.md."),
+    ("gp_eval_nuts60.md", "GP posterior predictives against NUTS (60 of those data sets)",
+     "From `python benchmarks/gp_eval.py --tasks-per-n 6` "
+     "(`benchmarks/results/gp_eval_nuts60.json`): the first 6 data sets per n of the 1,000, "
+     "with NUTS over the hyperparameters (the Bayes-optimal predictive) and type-II ML; see "
      "docs/gp.md."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "

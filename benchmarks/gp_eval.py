@@ -64,9 +64,9 @@ def main(argv=None):
     if models:
         task = next(iter(models.values())).task
     if args.latency:
-        if "pfn" not in models:
-            ap.error("--latency: expected --checkpoint")
-        return latency(models["pfn"], args)
+        if not models:
+            ap.error("--latency: expected --checkpoint and/or --dt-checkpoint")
+        return latency(models, args)
     # a network is scored when its checkpoint is given
     args.methods = [m for m in args.methods if m not in NETWORKS or m in models]
     # scores of earlier runs (--reuse) and of this run's own journal (a resumed run), taken
@@ -164,18 +164,20 @@ def _predict(name, task, model, p, key, args):
     return model.predictive(p.context_x, p.context_y, p.query_x, standardize=False)
 
 
-def latency(model, args, repeats=200):
-    """Median wall time of one predictive call (50 context points, 100 queries) of the PFN
-    (through PFNPredictor, validation and padding included) and of warm NUTS, side by side."""
-    task = model.task
+def latency(models, args, repeats=200):
+    """Median wall time of one predictive call (50 context points, 100 queries) of each network
+    (through PFNPredictor, validation and padding included) and of warm NUTS, side by side in
+    one run: the networks' calls interleaved, then NUTS."""
+    task = next(iter(models.values())).task
     p = task.sample_problem(jax.random.key(args.seed), n=50, n_query=100)
-    jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    times = {name: [] for name in models}
+    for model in models.values():  # compile
         jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x))
-        times.append(time.perf_counter() - t)
-    pfn = float(np.median(times))
+    for _ in range(repeats):
+        for name, model in models.items():
+            t = time.perf_counter()
+            jax.block_until_ready(model.predictive(p.context_x, p.context_y, p.query_x))
+            times[name].append(time.perf_counter() - t)
     nuts_times = []
     for i in range(4):  # the first call compiles; the others are warm
         t = time.perf_counter()
@@ -184,10 +186,13 @@ def latency(model, args, repeats=200):
         jax.block_until_ready(pred.means)
         nuts_times.append(time.perf_counter() - t)
     nuts = float(np.median(nuts_times[1:]))
-    out = {"pfn_seconds_median": pfn, "nuts_warm_seconds_median": nuts,
-           "speedup": nuts / pfn, "context": 50, "queries": 100,
+    out = {"context": 50, "queries": 100, "repeats": repeats, "nuts_warm_seconds_median": nuts,
            "nuts": {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples,
                     "num_chains": 4}}
+    for name, ts in times.items():
+        out[f"{name}_seconds_median"] = float(np.median(ts))
+        out[f"{name}_seconds_p90"] = float(np.quantile(ts, 0.9))
+        out[f"{name}_speedup_over_nuts"] = nuts / float(np.median(ts))
     print(json.dumps(out))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,7 @@ def test_predictor_save_and_load_round_trip(tmp_path):
         load_predictor(tmp_path / "empty")
 
 
+@pytest.mark.slow  # about 15 s (two NUTS runs): the default tier is kept under 15 minutes
 def test_infer_answers_with_the_network_inside_and_nuts_outside_the_range():
     from flashbayes.amortized._pfn import PFNPredictor
 
