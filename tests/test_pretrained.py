@@ -13,7 +13,7 @@ from flashbayes.distributions import GMM
 FRESH_SEED = 987_654  # not used in training nor in the benchmarks
 
 
-GP_MODELS = ("gp_hyperprior_pfn",)
+GP_MODELS = ("gp_hyperprior_pfn", "gp_hyperprior_dt")
 DT_MODELS = tuple(n for n in PRETRAINED if n not in GP_MODELS)
 
 
@@ -91,11 +91,14 @@ def test_logistic_model_c2st_against_nuts_and_wrong_answer_fails():
     assert np.mean(bad) > 0.7, bad
 
 
-def test_shipped_gp_model_loads_and_answers():
+@pytest.mark.parametrize("name", GP_MODELS)
+def test_shipped_gp_model_loads_and_answers(name):
     from flashbayes.amortized._pfn import PFNPredictor
 
-    model = fb.load_pretrained("gp_hyperprior_pfn")
+    assert set(GP_MODELS) == set(fb.amortized.GP_PRETRAINED)
+    model = fb.load_pretrained(name)
     assert isinstance(model, PFNPredictor) and model.task.name == "gp_hyperprior"
+    assert model.network.config.head == ("gmm" if name.endswith("_dt") else "bar")
     assert model.meta["step"] > 1000 and model.task.n_max == 100
     p = model.task.sample_problem(jax.random.key(0), n=10, n_query=7)
     pred = model.predictive(p.context_x, p.context_y, p.query_x)
@@ -131,11 +134,12 @@ def _gp_nlpd_gaps(model, n_problems, wrong=False):
 
 
 @pytest.mark.slow
-def test_shipped_gp_model_is_near_the_exact_predictive_and_a_wrong_one_is_not():
+@pytest.mark.parametrize("name", GP_MODELS)
+def test_shipped_gp_model_is_near_the_exact_predictive_and_a_wrong_one_is_not(name):
     # NUTS over the hyperparameters sits about 0.12 nats per point above the oracle and the
     # shipped PFN about 0.19 (docs/gp.md, 1,000 data sets); an exact GP whose noise is halved
     # sits 0.42 above it on these data sets and fails the same bound
-    model = fb.load_pretrained("gp_hyperprior_pfn")
+    model = fb.load_pretrained(name)
     pfn = _gp_nlpd_gaps(model, 60)
     assert np.mean(pfn) < 0.3, np.mean(pfn)
     wrong = _gp_nlpd_gaps(model, 60, wrong=True)
