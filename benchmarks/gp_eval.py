@@ -1,8 +1,8 @@
 """Posterior predictives on held-out `gp_hyperprior` tasks: a trained PFN against the oracle GP
 (true hyperparameters), type-II maximum likelihood and NUTS over the hyperparameters.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/gp_eval.py --checkpoint RUN/ckpt_00005500.safetensors \
-        --ns 1 2 5 10 20 50 100 --tasks-per-n 8 --out benchmarks/results/gp_pfn_eval
+    OPENBLAS_NUM_THREADS=1 python benchmarks/gp_eval.py --checkpoint gp_hyperprior_pfn \
+        --dt-checkpoint gp_hyperprior_dt --tasks-per-n 6 --out benchmarks/results/gp_eval_nuts60
 
 Reports, per context size n, the mean NLPD (nats per query point) of each method with its standard
 error, the PFN's and NUTS' gaps to each other (paired), and the coverage of central 90% intervals;
