@@ -44,7 +44,7 @@ def predictive_bands(model, context_x, context_y, query_x, *, key, nuts: bool = 
         out["network"] = {"refused": why}
     else:
         t0 = time.perf_counter()
-        pred = jax.block_until_ready(model.predictive(sx, sy, sq, standardize=False))
+        pred = jax.block_until_ready(model.answer_standard(sx, sy, sq))
         add("network", pred, time.perf_counter() - t0)
     k_ml, k_nuts = jax.random.split(key)
     ref_task = model.reference_task(sx.shape[0])  # the references take any context size

@@ -224,7 +224,7 @@ def _infer_predictive(model, data, method, key, options):
             raise TypeError(f"options: expected none for method 'amortized' (the network "
                             f"takes none); got {sorted(options)}")
         t0 = time.perf_counter()
-        pred = jax.block_until_ready(model.predictive(cx, cy, qx, standardize=standardize))
+        pred = jax.block_until_ready(model.answer_standard(sx, sy, sq, shift, scale))
         info = {"path": "amortized", "seconds": {"amortized": time.perf_counter() - t0},
                 "reason": (f"method={method!r}" if method == "amortized" else
                            "the input lies inside the training range")}

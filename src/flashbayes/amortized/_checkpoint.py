@@ -68,6 +68,19 @@ def save_checkpoint(path: str | os.PathLike, header: dict, trees: dict[str, Any]
     return path
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """`path`, or the latest checkpoint of the training folder `path`."""
+    path = Path(path)
+    if path.is_dir():
+        from flashbayes.amortized._train import latest_checkpoint
+
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"checkpoint: expected a checkpoint file in {path}; got none")
+        path = found
+    return path
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a checkpoint, checked for format version."""
     path = Path(path)

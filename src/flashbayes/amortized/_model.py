@@ -18,6 +18,7 @@ from flashbayes import tasks as _tasks
 from flashbayes._padding import pad_prior, pad_rows, size_bucket
 from flashbayes.amortized._checkpoint import (
     CheckpointError,
+    checkpoint_file,
     load_tree,
     read_header,
     save_checkpoint,
@@ -266,14 +267,7 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
     Raises:
         CheckpointError: missing or malformed file, other format version, other task.
     """
-    path = Path(path)
-    if path.is_dir():
-        from flashbayes.amortized._train import latest_checkpoint
-
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"checkpoint: expected a checkpoint file in {path}; got none")
-        path = found
+    path = checkpoint_file(path)
     header = read_header(path)
     if header.get("kind") != KIND:
         raise CheckpointError(f"checkpoint: expected kind {KIND!r}; got {header.get('kind')!r}")

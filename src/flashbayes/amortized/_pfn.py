@@ -19,7 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from flashbayes.amortized._checkpoint import CheckpointError, load_tree, read_header
+from flashbayes.amortized._checkpoint import (
+    CheckpointError,
+    checkpoint_file,
+    load_tree,
+    read_header,
+)
 from flashbayes.amortized._dt import _MLP, ConfigDict
 from flashbayes.distributions._bar import BarDistribution, bar_borders
 from flashbayes.distributions._mixture import GaussianMixturePredictive
@@ -252,25 +257,10 @@ def prior_borders(task, key: Array, n_buckets: int, *, n_samples: int = 200_000)
     return bar_borders(np.asarray(draws, np.float64), n_buckets)
 
 
-def _checkpoint_file(path: str | os.PathLike):
-    """`path`, or the latest checkpoint of the training folder `path`."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        from flashbayes.amortized._train import latest_checkpoint
-
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"checkpoint: expected a checkpoint file in {path}; got none")
-        path = found
-    return path
-
-
 def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
     """A PFN and its header from a checkpoint written by `fit_network` (trees "params"); a
     training folder means its latest checkpoint."""
-    path = _checkpoint_file(path)
+    path = checkpoint_file(path)
     header = read_header(path)
     if header.get("kind") != "pfn" or "model_config" not in header:
         raise CheckpointError(f"{path}: expected a PFN checkpoint (header kind 'pfn'); got kind "
@@ -409,10 +399,14 @@ class PFNPredictor:
                 are scaled). True always; False never (inputs outside the box are refused);
                 "auto" (default) only when some input lies outside the training box.
         """
+        cx, cy, qx = self.task.validate(context_x, context_y, query_x)
+        return self.answer_standard(*self.in_standard_units(cx, cy, qx, standardize))
+
+    def answer_standard(self, cx, cy, qx, y_shift: float = 0.0, y_scale: float = 1.0):
+        """The network's predictive for a validated problem already in its units (as
+        `in_standard_units` returns it), mapped to the user's by y = y_shift + y_scale * y."""
         from flashbayes._padding import size_bucket
 
-        cx, cy, qx = self.task.validate(context_x, context_y, query_x)
-        cx, cy, qx, y_shift, y_scale = self.in_standard_units(cx, cy, qx, standardize)
         why = self.out_of_range(cx, qx)
         if why:
             raise ValueError(f"{why}: outside the training range of this model; use the NUTS "
@@ -437,7 +431,7 @@ def load_predictor(path: str | os.PathLike) -> PFNPredictor:
     """
     from flashbayes import tasks
 
-    path = _checkpoint_file(path)
+    path = checkpoint_file(path)
     net, header = load_pfn(path)
     try:
         task = tasks.get_predictive(header["task"], **header.get("task_params", {}))
