@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/sbibm.py [--tasks gaussian_linear slcp] [--budgets 1000]
-                               [--head maf] [--observations 1 2 3 4 5] [--max-epochs 1000]
+                               [--head nsf+maf] [--ensemble 5] [--observations 1 2 3 4 5]
+                               [--max-epochs 1000]
                                [--c2st-draws 10000] [--c2st-early-stopping]
                                [--name sbibm_smoke]
 
@@ -29,7 +30,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=fb.sbi.tasks.names())
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000])
-    ap.add_argument("--head", default="maf", choices=["gmm", "nsf", "maf"])
+    ap.add_argument("--head", default="nsf+maf",
+                    help="nsf, maf, gmm or several joined by '+' (default nsf+maf)")
+    ap.add_argument("--ensemble", type=int, default=5, help="networks trained per head")
     ap.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--max-epochs", type=int, default=1000)
     ap.add_argument("--c2st-draws", type=int, default=10_000)
@@ -40,7 +43,8 @@ def main() -> None:
     ap.add_argument("--name", default="sbibm")
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    result = bench.run(args.tasks, args.budgets, head=args.head, observations=args.observations,
+    result = bench.run(args.tasks, args.budgets, head=args.head, ensemble=args.ensemble,
+                       observations=args.observations,
                        max_epochs=args.max_epochs, c2st_draws=args.c2st_draws,
                        early_stopping=args.c2st_early_stopping, seed=args.seed,
                        journal=RESULTS / f"{args.name}.journal.jsonl",

@@ -11,7 +11,7 @@ from flashbayes import sbi
 from flashbayes.amortized import CheckpointError
 from flashbayes.sbi._embedding import make_embedding
 
-TINY = {"hidden": 16, "flow_layers": 2, "knots": 4, "n_components": 2}
+TINY = {"hidden": 16, "flow_layers": 2, "knots": 4, "n_components": 2, "ensemble": 1}
 
 
 def _linear_task():
@@ -30,7 +30,7 @@ def _near_closed_form(draws, x_obs):
 @pytest.fixture(scope="module")
 def linear_estimator():
     prior, simulator = _linear_task()
-    return sbi.train_npe(prior, simulator, 2000, key=jax.random.key(0), head="maf",
+    return sbi.train_npe(prior, simulator, 2000, key=jax.random.key(0), head="maf", ensemble=1,
                          max_epochs=200)
 
 
@@ -88,7 +88,7 @@ def test_early_stopping_stops_and_keeps_the_best_weights():
     events = []
     est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(6), head="gmm",
                         max_epochs=2000, patience=3, learning_rate=3e-3, callback=events.append,
-                        **TINY)
+                        lr_reductions=0, **TINY)
     val = np.array([v for _, v in est.history])
     assert len(est.history) < 2000
     assert len(val) == int(np.argmin(val)) + 1 + 3  # stopped `patience` epochs after the best
@@ -285,3 +285,80 @@ def test_prior_swap_of_an_npe_posterior_matches_the_closed_form(linear_estimator
     assert near(swapped.sample(jax.random.key(5), 10_000).mean(0))
     # not vacuous: the posterior before the swap fails the same check
     assert not near(post.sample(jax.random.key(5), 10_000).mean(0))
+
+
+def _members(est):
+    """The ensemble's members as single estimators (same statistics and support)."""
+    from flashbayes.sbi._npe import NPEEstimator
+
+    cfg = {k: v for k, v in est.config.items() if k not in ("members", "weights")}
+    out = []
+    for group, size in zip(est.net.groups, est.net.sizes, strict=True):
+        for m in range(size):
+            net = jax.tree_util.tree_map(lambda a, m=m: a[m] if isinstance(a, jax.Array) else a,
+                                         group)
+            out.append(NPEEstimator(net, est.stats, cfg))
+    return out
+
+
+def test_ensemble_is_the_weighted_mixture_of_its_members(tmp_path):
+    prior = dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1)
+
+    def simulator(key, theta):
+        return theta + 0.2 * jax.random.normal(key, (2,))
+
+    est = sbi.train_npe(prior, simulator, 400, key=jax.random.key(12), head="gmm",
+                        max_epochs=4, out_dir=tmp_path, **{**TINY, "ensemble": 3})
+    assert len(est.config["member_val_loss"]) == 3
+    w = np.asarray(est.config["weights"])
+    assert len(w) == len(est.config["members"]) >= 2 and w.sum() == pytest.approx(1.0)
+    x = np.array([0.3, 0.7])
+    post = est.posterior(x)
+    theta = np.asarray(post.sample(jax.random.key(13), 50))
+    member_lp = np.stack([np.asarray(m.posterior(x).log_prob(theta)) for m in _members(est)])
+    mix = np.logaddexp.reduce(member_lp + np.log(w)[:, None], axis=0)
+    np.testing.assert_allclose(post.log_prob(theta), mix, rtol=1e-5, atol=1e-5)
+    assert np.abs(member_lp - mix).max() > 1e-3  # the members differ: the check can fail
+    # the unbounded mixture holds all members' components, weights summing to one
+    g = post.unbounded_gmm()
+    assert g.weights.shape == (len(w) * TINY["n_components"],)
+    assert float(g.weights.sum()) == pytest.approx(1.0, abs=1e-5)
+    # draws follow the mixture: their mean matches the mixture's mean (in unbounded space)
+    u = est._transform.inverse(post.sample(jax.random.key(14), 30_000))
+    np.testing.assert_allclose(np.asarray(u).mean(0), np.asarray(g.mean()), atol=0.05)
+    assert post.sample(jax.random.key(15), 1).shape == (1, 2)
+    back = sbi.load_npe(tmp_path)
+    np.testing.assert_allclose(back.posterior(x).log_prob(theta), post.log_prob(theta),
+                               rtol=1e-6)
+
+
+def test_ensemble_draws_follow_the_weights_across_heads():
+    # draws of a two-head mixture: their mean is the weighted mean of the members' means, which
+    # would fail if sample() drew from one member or one head alone
+    prior, simulator = _linear_task()
+    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(16), head="nsf+maf",
+                        max_epochs=2, **{**TINY, "ensemble": 2})
+    w = np.asarray(est.config["weights"])
+    assert set(est.config["members"]) == {"nsf", "maf"}, est.config["members"]
+    x = np.zeros(10)
+    means = np.stack([np.asarray(m.posterior(x).sample(jax.random.key(17), 40_000)).mean(0)
+                      for m in _members(est)])
+    mixed = np.asarray(est.posterior(x).sample(jax.random.key(18), 40_000)).mean(0)
+    np.testing.assert_allclose(mixed, w @ means, atol=0.02)
+    assert np.abs(means - w @ means).max() > 0.05
+
+
+def test_learning_rate_cuts_go_on_from_the_best_weights():
+    prior, simulator = _linear_task()
+    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(19), head="gmm",
+                        max_epochs=2000, patience=3, learning_rate=3e-3, lr_reductions=2,
+                        **TINY)
+    plain = sbi.train_npe(prior, simulator, 300, key=jax.random.key(19), head="gmm",
+                          max_epochs=2000, patience=3, learning_rate=3e-3, lr_reductions=0,
+                          **TINY)
+    assert len(est.history) > len(plain.history)
+    assert est.config["best_val_loss"] <= plain.config["best_val_loss"]
+    with pytest.raises(ValueError, match="lr_reductions: expected a non-negative integer"):
+        sbi.train_npe(prior, simulator, 100, key=jax.random.key(0), lr_reductions=-1)
+    with pytest.raises(ValueError, match="ensemble: expected a positive integer"):
+        sbi.train_npe(prior, simulator, 100, key=jax.random.key(0), ensemble=0)

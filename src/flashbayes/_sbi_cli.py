@@ -86,7 +86,9 @@ def train_cmd(
         task: Annotated[str, typer.Argument(help="task name (see flashbayes.sbi.tasks)")],
         simulations: Annotated[int, typer.Option(help="simulation budget")],
         out: Annotated[Path, typer.Option(help="folder for the estimator (npe.safetensors)")],
-        head: Annotated[str, typer.Option(help="density head: nsf, maf or gmm")] = "nsf",
+        head: Annotated[str, typer.Option(
+            help="density head: nsf, maf, gmm, or several joined by '+'")] = "nsf+maf",
+        ensemble: Annotated[int, typer.Option(help="networks trained per head")] = 5,
         sims_file: Annotated[Path | None, typer.Option(
             help="train on the first SIMULATIONS of this .npz file instead of simulating")]
         = None,
@@ -111,19 +113,23 @@ def train_cmd(
     else:
         source, budget = t.simulator, simulations
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
-                        TextColumn("epoch {task.fields[epoch]}  val loss {task.fields[val]}"),
+                        TextColumn("network {task.fields[member]}  epoch {task.fields[epoch]}  "
+                                   "val loss {task.fields[val]}"),
                         console=err_console, transient=True)
     with progress:
-        bar = progress.add_task(f"training {task} ({head})", epoch=0, val="-")
+        bar = progress.add_task(f"training {task} ({head})", epoch=0, val="-", member=1)
 
         def report(ev):
-            progress.update(bar, epoch=ev.epoch, val=f"{ev.val_loss:.4f}")
+            progress.update(bar, epoch=ev.epoch, val=f"{ev.val_loss:.4f}", member=ev.member + 1)
 
         est = train_npe(t.prior(), source, budget, key=jax.random.key(seed), head=head,
-                        max_epochs=max_epochs, patience=patience,
+                        ensemble=ensemble, max_epochs=max_epochs, patience=patience,
                         parameter_names=list(t.parameter_names), out_dir=out, callback=report)
-    console.print(f"trained {head} NPE for {task} on {est.config['num_simulations']} "
-                  f"simulations in {est.config['epochs']} epochs (best validation loss "
+    epochs = est.config["epochs"]
+    nets = len(epochs) if isinstance(epochs, list) else 1
+    console.print(f"trained {head} NPE ({nets} network{'s' * (nets > 1)}) for {task} on "
+                  f"{est.config['num_simulations']} simulations in "
+                  f"{sum(epochs) if nets > 1 else epochs} epochs (validation loss "
                   f"{est.config['best_val_loss']:.4f}); saved to {out}", highlight=False)
 
 

@@ -475,7 +475,9 @@ def bench_sbibm(
             help="comma-separated sbibm tasks (default: all six)")] = None,
         budgets: Annotated[str, typer.Option(
             help="comma-separated simulation budgets")] = "1000,10000,100000",
-        head: Annotated[str, typer.Option(help="NPE head: nsf, maf or gmm")] = "maf",
+        head: Annotated[str, typer.Option(
+            help="NPE head: nsf, maf, gmm, or several joined by '+'")] = "nsf+maf",
+        ensemble: Annotated[int, typer.Option(help="networks trained per head")] = 5,
         observations: Annotated[str, typer.Option(
             help="comma-separated observation numbers (1..10)")] = "1,2,3,4,5",
         max_epochs: Annotated[int, typer.Option(help="training epochs at most")] = 1000,
@@ -501,12 +503,16 @@ def bench_sbibm(
 
     chosen = sbi_tasks.names() if tasks is None else [
         t.strip() for t in tasks.split(",") if t.strip()]
-    if head not in ("nsf", "maf", "gmm"):
-        raise UsageError(f"--head: expected nsf, maf or gmm; got {head!r}")
+    heads = head.split("+")
+    if any(h not in ("nsf", "maf", "gmm") for h in heads) or len(set(heads)) != len(heads):
+        raise UsageError(f"--head: expected nsf, maf, gmm or several joined by '+'; got "
+                         f"{head!r}")
+    if ensemble < 1:
+        raise UsageError(f"--ensemble: expected a positive integer; got {ensemble}")
     if not out.is_dir():
         raise UsageError(f"--out: expected an existing folder; got {out}")
     try:
-        result = bench.run(chosen, ints(budgets, "budgets"), head=head,
+        result = bench.run(chosen, ints(budgets, "budgets"), head=head, ensemble=ensemble,
                            observations=ints(observations, "observations"),
                            max_epochs=max_epochs, c2st_draws=c2st_draws,
                            early_stopping=c2st_early_stopping, seed=seed,

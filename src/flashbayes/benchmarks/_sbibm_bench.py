@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import time
@@ -44,7 +45,8 @@ def published(task: str, budget: int, observations: Sequence[int],
     return float(np.mean([float(r["C2ST"]) for r in rows])) if rows else None
 
 
-def run_one(task_name: str, budget: int, *, head: str, observations: Sequence[int],
+def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
+            observations: Sequence[int],
             max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool) -> dict:
     """Train on `budget` simulations of one task and score every observation."""
     import flashbayes as fb
@@ -52,7 +54,7 @@ def run_one(task_name: str, budget: int, *, head: str, observations: Sequence[in
     task = fb.sbi.tasks.get(task_name)
     t0 = time.perf_counter()
     est = fb.sbi.train_npe(task.prior(), task.simulator, budget, key=jax.random.key(seed),
-                           head=head, max_epochs=max_epochs,
+                           head=head, ensemble=ensemble, max_epochs=max_epochs,
                            parameter_names=list(task.parameter_names))
     train_s = time.perf_counter() - t0
     per_obs = []
@@ -70,21 +72,27 @@ def run_one(task_name: str, budget: int, *, head: str, observations: Sequence[in
         per_obs.append({"observation": int(k), "c2st": float(score), "sample_10k_s": sample_s,
                         "c2st_s": time.perf_counter() - t2,
                         "finite": bool(np.isfinite(draws).all())})
-    return {"task": task_name, "budget": int(budget), "head": head, "train_s": train_s,
-            "epochs": est.config["epochs"], "num_simulations_ok": est.config["num_simulations"],
+    return {"task": task_name, "budget": int(budget), "head": head, "ensemble": ensemble,
+            "train_s": train_s, "epochs": est.config["epochs"],
+            "members": est.config.get("members", [head]),
+            "weights": est.config.get("weights", [1.0]),
+            "best_val_loss": est.config["best_val_loss"],
+            "num_simulations_ok": est.config["num_simulations"],
             "c2st_mean": float(np.mean([r["c2st"] for r in per_obs])),
             "published_npe": published(task_name, budget, observations, "NPE"),
             "published_snpe": published(task_name, budget, observations, "SNPE"),
             "observations": per_obs}
 
 
-def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "maf",
+def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
+        ensemble: int = 5,
         observations: Sequence[int] = (1, 2, 3, 4, 5), max_epochs: int = 1000,
         c2st_draws: int = 10_000, early_stopping: bool = False, seed: int = SEED,
         journal: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Every (task, budget) pair; rows already in `journal` with the same options are reused.
 
-    The training seed of pair (i, j) is `seed + 100 i + j`, so a rerun gives the same networks.
+    The training seed of a pair is `seed + 100 i + round(log10 budget)`, i the task's place in
+    the registry, so a rerun (or a run over a subset of tasks) gives the same networks.
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
@@ -96,7 +104,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "maf",
     bad_obs = [k for k in observations if not 1 <= int(k) <= 10]
     if bad_obs or not observations:
         raise ValueError(f"observations: expected numbers in 1..10; got {list(observations)}")
-    options = {"head": head, "observations": [int(k) for k in observations],
+    options = {"head": head, "ensemble": int(ensemble),
+               "observations": [int(k) for k in observations],
                "max_epochs": int(max_epochs), "c2st_draws": int(c2st_draws),
                "early_stopping": bool(early_stopping), "seed": int(seed)}
     done: dict[tuple[str, int], dict] = {}
@@ -109,16 +118,18 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "maf",
             if entry.get("options") == options:
                 done[(entry["row"]["task"], entry["row"]["budget"])] = entry["row"]
     rows = []
-    for i, name in enumerate(tasks):
-        for j, budget in enumerate(budgets):
+    for name in tasks:
+        for budget in budgets:
             if (name, int(budget)) in done:
                 rows.append(done[(name, int(budget))])
                 continue
             if progress is not None:
                 progress(f"{name} at {budget} simulations")
-            row = run_one(name, int(budget), head=head, observations=options["observations"],
+            row = run_one(name, int(budget), head=head, ensemble=int(ensemble),
+                          observations=options["observations"],
                           max_epochs=max_epochs, c2st_draws=c2st_draws,
-                          seed=seed + 100 * i + j, early_stopping=early_stopping)
+                          seed=seed + 100 * sbi_tasks.names().index(name)
+                          + round(math.log10(int(budget))), early_stopping=early_stopping)
             rows.append(row)
             if journal is not None:
                 with open(journal, "a") as fh:
@@ -129,16 +140,23 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "maf",
             "rows": rows}
 
 
+def _kept(row: dict) -> str:
+    """The networks in the final mixture, e.g. '3 nsf + 2 maf'."""
+    members = row.get("members", [row["head"]])
+    return " + ".join(f"{members.count(h)} {h}" for h in dict.fromkeys(members))
+
+
 def markdown(result: dict) -> str:
     """The table of a `run` result, with the mean over tasks per budget."""
     opt = result["options"]
     lines = ["# NPE on sbibm", "",
-             f"Head `{opt['head']}`, observations {opt['observations']}, C2ST on "
+             f"Head `{opt['head']}` ({opt.get('ensemble', 1)} per head), observations "
+             f"{opt['observations']}, C2ST on "
              f"{opt['c2st_draws']} draws of each set"
              f"{' (classifier with early stopping)' if opt['early_stopping'] else ''}. "
              "Published: the paper's NPE and SNPE on the same observations.", "",
              "| task | simulations | C2ST (ours) | published NPE | published SNPE | train s "
-             "| epochs | 10k draws ms |", "|---|---|---|---|---|---|---|---|"]
+             "| networks kept | 10k draws ms |", "|---|---|---|---|---|---|---|---|"]
 
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
@@ -147,7 +165,7 @@ def markdown(result: dict) -> str:
         ms = 1000 * np.median([o["sample_10k_s"] for o in r["observations"]])
         lines.append(f"| {r['task']} | {r['budget']} | {r['c2st_mean']:.3f} | "
                      f"{fmt(r['published_npe'])} | {fmt(r.get('published_snpe'))} | "
-                     f"{r['train_s']:.1f} | {r['epochs']} | {ms:.1f} |")
+                     f"{r['train_s']:.1f} | {_kept(r)} | {ms:.1f} |")
     budgets = sorted({r["budget"] for r in result["rows"]})
     tasks = {r["task"] for r in result["rows"]}
     if len(tasks) > 1:

@@ -7,7 +7,9 @@ no mass outside the support; then theta and x are z-scored with the training set
 The density head is a Gaussian mixture (``"gmm"``, a mixture density network whose output is a
 `flashbayes.GMM`), a neural spline coupling flow (``"nsf"``) or a masked autoregressive flow
 (``"maf"``), both from flowjax. Training minimises -log q(theta | x) with Adam, keeps a validation
-split, stops early when the validation loss stops improving and keeps the best weights.
+split, stops early when the validation loss stops improving and keeps the best weights. By
+default several networks of both flow kinds are trained and mixed, with weights chosen on the
+validation split (stacking).
 
 Example:
     >>> import jax, jax.numpy as jnp, numpyro.distributions as dist
@@ -29,7 +31,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -43,6 +45,7 @@ from flashbayes.sbi._embedding import EMBEDDINGS, make_embedding
 __all__ = ["NPEEstimator", "NPEEvent", "NPEPosterior", "load_npe", "train_npe"]
 
 HEADS = ("gmm", "nsf", "maf")
+MIN_MEMBER_WEIGHT = 1e-3  # ensemble members below this stacking weight are dropped
 CHECKPOINT_NAME = "npe.safetensors"
 _KIND = "npe"
 
@@ -144,6 +147,112 @@ class _Net(eqx.Module):
         return self.head.sample(key, (n,), condition=context)
 
 
+def _like(net: _Net, template: _Net) -> _Net:
+    """`net`'s arrays with `template`'s non-array parts (same architecture).
+
+    Networks built from one config differ only in arrays, except for closures flowjax makes
+    per network (they compute the same function); sharing them lets members of one head share
+    compiled code and be stacked.
+    """
+    return eqx.combine(eqx.filter(net, eqx.is_array),
+                       eqx.filter(template, eqx.is_array, inverse=True))
+
+
+def _stack(nets: list[_Net]) -> _Net:
+    arrays = [eqx.filter(_like(net, nets[0]), eqx.is_array) for net in nets]
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *arrays)
+    return eqx.combine(stacked, eqx.filter(nets[0], eqx.is_array, inverse=True))
+
+
+class _Ensemble(eqx.Module):
+    """A mixture of networks q(z | x) = sum_m w_m q_m(z | x), the weights fixed after training.
+
+    Members of one head are stacked (``groups``, one per head, arrays with a leading member axis)
+    and evaluated with one vectorised call. ``sample`` draws the members' counts by systematic
+    resampling (each within one of n w_m, their expectation exactly n w_m) and returns the draws
+    in random order, so every draw is marginally a draw of the mixture.
+    """
+
+    groups: tuple
+    sizes: tuple = eqx.field(static=True)
+    weights: tuple = eqx.field(static=True)
+
+    def log_prob(self, z, xz):
+        lps = jnp.concatenate([eqx.filter_vmap(lambda net: net.log_prob(z, xz))(g)
+                               for g in self.groups])
+        return jax.scipy.special.logsumexp(lps + jnp.log(jnp.asarray(self.weights)))
+
+    def sample(self, key, n: int, xz):
+        w = np.asarray(self.weights, np.float64)
+        k_u, k_perm, *keys = jax.random.split(key, 2 + len(self.groups))
+        cum = n * np.cumsum(w)
+        cum[-1] = n
+        edges = jnp.floor(jnp.concatenate([jnp.zeros(1), jnp.asarray(cum, jnp.float32)])
+                          + jax.random.uniform(k_u))
+        counts = edges[1:] - edges[:-1]
+        draws, keep, start = [], [], 0
+        for g, size, k in zip(self.groups, self.sizes, keys, strict=True):
+            cap = min(n, int(np.floor(n * w[start:start + size].max())) + 1)
+            d = eqx.filter_vmap(lambda net, kk, cap=cap: net.sample(kk, cap, xz))(
+                g, jax.random.split(k, size))
+            draws.append(d.reshape(size * cap, -1))
+            keep.append((jnp.arange(cap)[None, :] < counts[start:start + size, None]).ravel())
+            start += size
+        draws, keep = jnp.concatenate(draws), jnp.concatenate(keep)
+        chosen = draws[jnp.argsort(~keep, stable=True)[:n]]
+        return chosen[jax.random.permutation(k_perm, n)]
+
+    def gmm(self, xz) -> GMM:
+        """For ``"gmm"`` members: all their components in one mixture."""
+        parts = [eqx.filter_vmap(lambda net: net.head(net.embedding(xz)))(g) for g in self.groups]
+        weights = jnp.concatenate([g.weights for g in parts])
+        weights = weights * jnp.asarray(self.weights)[:, None]
+        d = parts[0].means.shape[-1]
+        return GMM.unchecked(weights.reshape(-1),
+                             jnp.concatenate([g.means for g in parts]).reshape(-1, d),
+                             jnp.concatenate([g.scale_tril for g in parts]).reshape(-1, d, d))
+
+
+def _ensemble(nets: list[_Net], heads: list[str], weights) -> _Ensemble:
+    """Group `nets` by head (their order in `heads` must already be grouped)."""
+    groups, sizes, order = [], [], list(dict.fromkeys(heads))
+    for h in order:
+        members = [net for net, hh in zip(nets, heads, strict=True) if hh == h]
+        groups.append(_stack(members))
+        sizes.append(len(members))
+    if heads != [h for h in order for _ in range(heads.count(h))]:
+        raise ValueError(f"ensemble: expected members grouped by head; got {heads}")
+    return _Ensemble(tuple(groups), tuple(sizes), tuple(float(v) for v in weights))
+
+
+def _stacking_weights(log_probs: np.ndarray, iterations: int = 1000) -> np.ndarray:
+    """Mixture weights maximising the mean held-out log density (EM on the weights alone).
+
+    log_probs: (members, points) held-out log densities of each member.
+    """
+    from scipy.special import logsumexp
+
+    lp = np.where(np.isfinite(log_probs), log_probs, -1e30).astype(np.float64)
+    w = np.full(len(lp), 1.0 / len(lp))
+    for _ in range(iterations):
+        r = np.log(np.maximum(w, 1e-300))[:, None] + lp
+        w_new = np.exp(r - logsumexp(r, axis=0)).mean(axis=1)
+        if np.max(np.abs(w_new - w)) < 1e-7:
+            return w_new
+        w = w_new
+    return w
+
+
+def _build_model(config: dict, *, key) -> _Net | _Ensemble:
+    """The network of a checkpoint's config: one `_Net`, or an `_Ensemble` of them."""
+    members = config.get("members")
+    if not members:
+        return _build_net(config, key=key)
+    keys = jax.random.split(key, len(members))
+    nets = [_build_net({**config, "head": h}, key=k) for h, k in zip(members, keys, strict=True)]
+    return _ensemble(nets, list(members), config["weights"])
+
+
 def _build_net(config: dict, *, key) -> _Net:
     import flowjax.distributions as fd
     import flowjax.flows as ff
@@ -224,7 +333,8 @@ class NPEPosterior:
         if est.config["head"] != "gmm":
             raise ValueError(f"unbounded_gmm: expected an estimator with head 'gmm'; got "
                              f"{est.config['head']!r}")
-        g = est.net.head(est.net.embedding(self._xz))
+        net = est.net
+        g = net.gmm(self._xz) if isinstance(net, _Ensemble) else net.head(net.embedding(self._xz))
         s, m = est.stats["theta_std"], est.stats["theta_mean"]
         return GMM.unchecked(g.weights, m + s * g.means, s[:, None] * g.scale_tril)
 
@@ -283,6 +393,7 @@ class NPEEvent:
     best_val_loss: float
     epochs_without_improvement: int
     done: bool
+    member: int = 0
 
 
 class NPEEstimator:
@@ -295,7 +406,8 @@ class NPEEstimator:
         history: per-epoch (train loss, validation loss).
     """
 
-    def __init__(self, net: _Net, stats: dict, config: dict, history: list | None = None):
+    def __init__(self, net: _Net | _Ensemble, stats: dict, config: dict,
+                 history: list | None = None):
         self.net = net
         self.stats = {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
         self.config = config
@@ -356,7 +468,7 @@ def load_npe(path: str | os.PathLike) -> NPEEstimator:
         raise CheckpointError(f"checkpoint: expected an NPE checkpoint (kind 'npe'); got kind "
                               f"{header.get('kind')!r} in {path}")
     config = header["config"]
-    skeleton = _build_net(config, key=jax.random.key(0))
+    skeleton = _build_model(config, key=jax.random.key(0))
     arrays, static = eqx.partition(skeleton, eqx.is_array)
     net = eqx.combine(load_tree(path, "net", arrays), static)
     like = {k: np.zeros(config["stats_shapes"][k], np.float32) for k in config["stats_shapes"]}
@@ -409,12 +521,13 @@ def _z_stats(values: np.ndarray, axes: tuple[int, ...]):
 
 
 def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | None = None, *,
-              key: jax.Array, head: Literal["gmm", "nsf", "maf"] = "nsf",
+              key: jax.Array, head: str = "nsf+maf",
               embedding: str = "identity", embedding_dim: int = 32, n_components: int = 10,
               hidden: int = 50, flow_layers: int = 5, knots: int = 10,
               validation_fraction: float = 0.1, max_epochs: int = 1000, patience: int = 20,
-              batch_size: int = 200, learning_rate: float = 5e-4,
-              parameter_names: list[str] | None = None, out_dir: str | os.PathLike | None = None,
+              batch_size: int = 200, learning_rate: float = 5e-4, lr_reductions: int = 2,
+              ensemble: int = 5, parameter_names: list[str] | None = None,
+              out_dir: str | os.PathLike | None = None,
               callback: Callable[[NPEEvent], Any] | None = None) -> NPEEstimator:
     """Train q(theta | x) on simulations from `prior` and a simulator.
 
@@ -426,14 +539,21 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
         num_simulations: the budget (required with a simulator; with stored simulations, the
             first this many successful ones).
         key: PRNG key (simulations, split, initial weights, batches).
-        head: ``"nsf"`` (neural spline coupling flow, the default), ``"maf"`` (masked
-            autoregressive flow) or ``"gmm"`` (mixture density network giving a `GMM` in the
-            unbounded space; less accurate than the flows at small budgets).
+        head: ``"nsf"`` (neural spline coupling flow), ``"maf"`` (masked autoregressive flow),
+            ``"gmm"`` (mixture density network giving a `GMM` in the unbounded space; less
+            accurate than the flows at small budgets), or several joined by ``"+"``. The default
+            ``"nsf+maf"`` trains `ensemble` networks of each and mixes them (see `ensemble`).
         embedding: ``"identity"``, ``"mlp"``, ``"set"`` or ``"series"`` (see `make_embedding`).
         embedding_dim, n_components, hidden, flow_layers, knots: network sizes.
         validation_fraction: share of the simulations held out for early stopping.
         max_epochs, patience: stop after `max_epochs`, or after `patience` epochs without a
             better validation loss; the best weights are kept.
+        lr_reductions: before stopping, this many times go back to the best weights and go on
+            with the learning rate cut by 5 (a fresh Adam state); stop at the last one.
+        ensemble: networks trained per head (different initial weights and batch orders, the
+            same simulations and split). With more than one network in all, the posterior is
+            their mixture, weighted to maximise the validation split's log density (stacking,
+            by EM on the weights); networks with weight below 1e-3 are dropped.
         batch_size, learning_rate: Adam on minibatches (gradient norm clipped at 5).
         parameter_names: names of the theta coordinates (kept in the checkpoint).
         out_dir: if given, the best estimator so far is written to ``out_dir/npe.safetensors``
@@ -443,17 +563,21 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     Returns:
         the trained `NPEEstimator`.
     """
-    if head not in HEADS:
-        raise ValueError(f"head: expected one of {list(HEADS)}; got {head!r}")
+    heads = head.split("+") if isinstance(head, str) else []
+    if not heads or any(h not in HEADS for h in heads) or len(set(heads)) != len(heads):
+        raise ValueError(f"head: expected one of {list(HEADS)} or several joined by '+' (e.g. "
+                         f"'nsf+maf'); got {head!r}")
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding: expected one of {list(EMBEDDINGS)}; got {embedding!r}")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction: expected a number in (0, 1); got "
                          f"{validation_fraction!r}")
     for name, value in (("max_epochs", max_epochs), ("patience", patience),
-                        ("batch_size", batch_size)):
+                        ("batch_size", batch_size), ("ensemble", ensemble)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    if isinstance(lr_reductions, bool) or not isinstance(lr_reductions, int) or lr_reductions < 0:
+        raise ValueError(f"lr_reductions: expected a non-negative integer; got {lr_reductions!r}")
     k_sim, k_split, k_init, k_train = jax.random.split(key, 4)
     theta, x = _training_pairs(prior, simulator_or_simulations, num_simulations, k_sim)
     n, dim = theta.shape
@@ -487,65 +611,128 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
               "support": support, "parameter_names": names,
               "stats_shapes": {k: list(np.shape(v)) for k, v in stats.items()},
               "num_simulations": int(n), "num_validation": int(n_val)}
-    net = _build_net(config, key=k_init)
-
-    import paramax
-
-    params, static = eqx.partition(net, eqx.is_inexact_array,
-                                   is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable))
-    optimiser = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(learning_rate))
-    opt_state = optimiser.init(params)
-
-    def batch_loss(p, zb, xb):
-        model = eqx.combine(p, static)
-        return -jnp.mean(jax.vmap(model.log_prob)(zb, xb))
-
-    train_z, train_x = jnp.asarray(z_all[train_idx]), jnp.asarray(xz_all[train_idx])
-    val_z, val_x = jnp.asarray(z_all[val_idx]), jnp.asarray(xz_all[val_idx])
-    bs = min(batch_size, len(train_idx))
-    n_batches = len(train_idx) // bs
-
-    @jax.jit
-    def epoch(p, state, k, tz, tx):
-        order = jax.random.permutation(k, tz.shape[0])[: n_batches * bs].reshape(n_batches, bs)
-
-        def step(carry, idx):
-            p, state = carry
-            loss, grads = jax.value_and_grad(batch_loss)(p, tz[idx], tx[idx])
-            updates, state = optimiser.update(grads, state, p)
-            return (optax.apply_updates(p, updates), state), loss
-
-        (p, state), losses = jax.lax.scan(step, (p, state), order)
-        return p, state, jnp.mean(losses)
-
-    @jax.jit
-    def validation_loss(p, vz, vx):
-        chunks = max(1, math.ceil(vz.shape[0] / 4096))
-        return jnp.sum(jnp.stack([
-            batch_loss(p, vz[i::chunks], vx[i::chunks]) * vz[i::chunks].shape[0]
-            for i in range(chunks)])) / vz.shape[0]
-
-    best, best_params, stale, history = float(validation_loss(params, val_z, val_x)), params, 0, []
+    train = (jnp.asarray(z_all[train_idx]), jnp.asarray(xz_all[train_idx]))
+    val = (jnp.asarray(z_all[val_idx]), jnp.asarray(xz_all[val_idx]))
     out_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    for ep in range(1, max_epochs + 1):
-        params, opt_state, train_loss = epoch(params, opt_state, jax.random.fold_in(k_train, ep),
-                                              train_z, train_x)
-        val = float(validation_loss(params, val_z, val_x))
-        history.append([float(train_loss), val])
-        if np.isfinite(val) and val < best:
-            best, best_params, stale = val, params, 0
-            if out_path is not None:
-                NPEEstimator(eqx.combine(best_params, static), stats,
-                             {**config, "epochs": ep}, history).save(out_path)
-        else:
-            stale += 1
-        done = stale >= patience or ep == max_epochs
-        if callback is not None:
-            callback(NPEEvent(ep, float(train_loss), val, best, stale, done))
-        if done:
-            break
-    config = {**config, "epochs": len(history), "best_val_loss": best}
-    est = NPEEstimator(eqx.combine(best_params, static), stats, config, history)
+    fit = _Fit(train, val, batch_size=batch_size, learning_rate=learning_rate,
+               lr_reductions=lr_reductions, patience=patience, max_epochs=max_epochs)
+    plan = [h for h in heads for _ in range(ensemble)]
+    nets, histories, bests, val_lps = [], [], [], []
+    for m, h in enumerate(plan):
+        def save_best(net, history, epoch):
+            if out_path is not None and len(plan) == 1:
+                NPEEstimator(net, stats, {**config, "epochs": epoch}, history).save(out_path)
+
+        net = _build_net({**config, "head": h}, key=jax.random.fold_in(k_init, m))
+        first = plan.index(h)
+        if first < m:
+            net = _like(net, nets[first])  # shares the compiled training step
+        net, history, best = fit(net, jax.random.fold_in(k_train, m), member=m,
+                                 callback=callback, on_best=save_best)
+        nets.append(net)
+        histories.append(history)
+        bests.append(best)
+        val_lps.append(np.asarray(_pointwise_log_prob(net, *val)))
+        if len(plan) > 1 and (out_path is not None or m == len(plan) - 1):
+            # the members finished so far, weighted by stacking on the validation split
+            w = _stacking_weights(np.stack(val_lps))
+            keep = [i for i in range(len(w)) if w[i] >= MIN_MEMBER_WEIGHT]
+            w_keep = w[keep] / w[keep].sum()
+            model = _ensemble([nets[i] for i in keep], [plan[i] for i in keep], w_keep)
+            mix = float(-np.mean(np.asarray(_pointwise_log_prob(model, *val))))
+            est = NPEEstimator(model, stats, {
+                **config, "members": [plan[i] for i in keep], "weights": w_keep.tolist(),
+                "trained_members": plan[: m + 1], "stacking_weights": w.tolist(),
+                "epochs": [len(hh) for hh in histories], "member_val_loss": bests,
+                "best_val_loss": mix}, histories)
+            if out_path is not None and m < len(plan) - 1:
+                est.save(out_path)
+    if len(plan) == 1:
+        est = NPEEstimator(nets[0], stats, {**config, "epochs": len(histories[0]),
+                                            "best_val_loss": bests[0]}, histories[0])
     if out_path is not None:
         est.save(out_path)
     return est
+
+
+@eqx.filter_jit
+def _pointwise_log_prob(net, z, xz):
+    return jax.vmap(net.log_prob)(z, xz)
+
+
+def _batch_loss(p, rest, zb, xb):
+    model = eqx.combine(p, rest)
+    return -jnp.mean(jax.vmap(model.log_prob)(zb, xb))
+
+
+@eqx.filter_jit
+def _epoch(p, rest, state, k, tz, tx, lr, optimiser, n_batches: int, bs: int):
+    """One pass over the training set in minibatches (compiled once per architecture)."""
+    order = jax.random.permutation(k, tz.shape[0])[: n_batches * bs]
+
+    def step(carry, idx):
+        p, state = carry
+        loss, grads = jax.value_and_grad(_batch_loss)(p, rest, tz[idx], tx[idx])
+        updates, state = optimiser.update(grads, state, p)
+        updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
+        return (optax.apply_updates(p, updates), state), loss
+
+    (p, state), losses = jax.lax.scan(step, (p, state), order.reshape(n_batches, bs))
+    return p, state, jnp.mean(losses)
+
+
+@eqx.filter_jit
+def _validation_loss(p, rest, vz, vx):
+    chunks = max(1, math.ceil(vz.shape[0] / 4096))
+    return jnp.sum(jnp.stack([
+        _batch_loss(p, rest, vz[i::chunks], vx[i::chunks]) * vz[i::chunks].shape[0]
+        for i in range(chunks)])) / vz.shape[0]
+
+
+class _Fit:
+    """Adam on minibatches with early stopping (and optional learning-rate cuts) for one net."""
+
+    def __init__(self, train, val, *, batch_size, learning_rate, lr_reductions, patience,
+                 max_epochs):
+        self.train, self.val = train, val
+        self.lr, self.reductions, self.patience = learning_rate, lr_reductions, patience
+        self.max_epochs = max_epochs
+        self.bs = min(batch_size, train[0].shape[0])
+        self.optimiser = optax.chain(optax.clip_by_global_norm(5.0), optax.scale_by_adam())
+
+    def __call__(self, net, key, *, member, callback, on_best):
+        import paramax
+
+        params, rest = eqx.partition(
+            net, eqx.is_inexact_array, is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable))
+        optimiser = self.optimiser
+        n_batches = self.train[0].shape[0] // self.bs
+
+        def epoch(p, state, k, tz, tx, lr):
+            return _epoch(p, rest, state, k, tz, tx, lr, optimiser, n_batches, self.bs)
+
+        def validation_loss(p, vz, vx):
+            return _validation_loss(p, rest, vz, vx)
+
+        opt_state = optimiser.init(params)
+        best, best_params, stale, history = float(validation_loss(params, *self.val)), params, 0, []
+        lr, reductions_left = float(self.lr), self.reductions
+        for ep in range(1, self.max_epochs + 1):
+            params, opt_state, train_loss = epoch(params, opt_state, jax.random.fold_in(key, ep),
+                                                  *self.train, jnp.float32(lr))
+            val = float(validation_loss(params, *self.val))
+            history.append([float(train_loss), val])
+            if np.isfinite(val) and val < best:
+                best, best_params, stale = val, params, 0
+                on_best(eqx.combine(best_params, rest), history, ep)
+            else:
+                stale += 1
+            if stale >= self.patience and reductions_left > 0 and ep < self.max_epochs:
+                params, opt_state, stale = best_params, optimiser.init(best_params), 0
+                lr, reductions_left = lr / 5.0, reductions_left - 1
+            done = stale >= self.patience or ep == self.max_epochs
+            if callback is not None:
+                callback(NPEEvent(ep, float(train_loss), val, best, stale, done, member))
+            if done:
+                break
+        return eqx.combine(best_params, rest), history, best
