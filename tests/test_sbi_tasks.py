@@ -287,3 +287,26 @@ def test_c2st_tells_the_reference_from_a_wrong_posterior_only():
     too_wide = x / 2 + np.sqrt(0.1) * rng.standard_normal((1500, 10))
     assert c2st(ref, exact, seed=1, early_stopping=True) < 0.56
     assert c2st(ref, too_wide, seed=1, early_stopping=True) > 0.6
+
+
+EXACT = [n for n in NAMES if tasks.get(n).exact_posterior is not None]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_posterior_matches_the_reference_and_a_wrong_one_does_not(name):
+    # exact draws for any observation (used to score estimators on observations of our own):
+    # on the shared observations they are indistinguishable from the reference draws, while the
+    # exact posterior of a shifted observation is not
+    from flashbayes.diagnostics import c2st
+
+    assert set(EXACT) == {"gaussian_linear", "gaussian_linear_uniform", "gaussian_mixture"}
+    task = tasks.get(name)
+    for k in (1, 2):
+        ref = _shared_or_skip(tasks.load_reference_samples, name, k)[:2000]
+        x = np.asarray(tasks.load_observation(name, k))
+        draws = task.exact_posterior(jax.random.key(k), x, 2000)
+        assert draws.shape == (2000, task.dim_theta) and np.isfinite(draws).all()
+        assert np.all(task.prior().log_prob(draws) > -np.inf)  # inside the support
+        assert c2st(ref, draws, seed=1, early_stopping=True) < 0.56, (name, k)
+    wrong = task.exact_posterior(jax.random.key(9), x + 0.3, 2000)
+    assert c2st(ref, wrong, seed=1, early_stopping=True) > 0.6

@@ -46,6 +46,9 @@ class SBITask:
         simulator: ``simulator(key, theta) -> x`` for one theta; jit- and vmap-able.
         log_likelihood: ``log_likelihood(theta, x) -> scalar`` (up to a theta-free constant).
         budgets: the simulation budgets of the sbibm paper.
+        exact_posterior: ``exact_posterior(key, x, n) -> (n, d)`` exact posterior draws for
+            any observation, where the posterior has a closed form (else None), so that
+            estimators can be checked on observations of our own.
     """
 
     name: str
@@ -56,6 +59,7 @@ class SBITask:
     simulator: Callable[[jax.Array, jax.Array], jax.Array]
     log_likelihood: Callable[[jax.Array, jax.Array], jax.Array]
     budgets: tuple[int, ...]
+    exact_posterior: Callable[[jax.Array, Any, int], np.ndarray] | None = None
 
     def log_joint(self, theta: jax.Array, x: jax.Array) -> jax.Array:
         """log prior(theta) + log_likelihood(theta, x) (-inf outside the prior's support)."""
@@ -89,6 +93,35 @@ def _gl_simulator(key, theta):
 
 def _gl_log_likelihood(theta, x):
     return jax.scipy.stats.norm.logpdf(x, theta, jnp.sqrt(_GL_VAR)).sum(-1)
+
+
+def _gl_exact(key, x, n):
+    """N(x / 2, 0.05 I): prior and noise both N(., 0.1 I)."""
+    x = jnp.asarray(x, jnp.float32)
+    return np.asarray(x / 2 + jnp.sqrt(_GL_VAR / 2) * jax.random.normal(key, (n, x.shape[-1])))
+
+
+def _glu_exact(key, x, n):
+    """Independent normals N(x_i, 0.1) truncated to [-1, 1]."""
+    x = jnp.asarray(x, jnp.float32)
+    sd = jnp.sqrt(_GL_VAR)
+    z = jax.random.truncated_normal(key, (-1 - x) / sd, (1 - x) / sd, (n, x.shape[-1]))
+    return np.asarray(x + sd * z)
+
+
+def _gm_exact(key, x, n):
+    """0.5 N(x, I) + 0.5 N(x, 0.01 I) truncated to the box [-10, 10]^2 (by rejection)."""
+    x = np.asarray(x, np.float64)
+    out, got = [], 0
+    while got < n:
+        key, k_c, k_z = jax.random.split(key, 3)
+        m = 2 * (n - got) + 100
+        scale = np.where(np.asarray(jax.random.bernoulli(k_c, 0.5, (m,))), *_GM_SCALES)
+        draw = x + scale[:, None] * np.asarray(jax.random.normal(k_z, (m, 2)), np.float64)
+        draw = draw[np.all(np.abs(draw) < 10.0, axis=1)]
+        out.append(draw)
+        got += len(draw)
+    return np.concatenate(out)[:n].astype(np.float32)
 
 
 # -- Gaussian mixture -----------------------------------------------------------------------------
@@ -245,11 +278,11 @@ def _sir_log_likelihood(theta, x):
 _REGISTRY: dict[str, SBITask] = {
     t.name: t for t in (
         SBITask("gaussian_linear", 10, 10, _names(10), _gl_prior, _gl_simulator,
-                _gl_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
+                _gl_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000), _gl_exact),
         SBITask("gaussian_linear_uniform", 10, 10, _names(10), _glu_prior, _gl_simulator,
-                _gl_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
+                _gl_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000), _glu_exact),
         SBITask("gaussian_mixture", 2, 2, _names(2), _gm_prior, _gm_simulator,
-                _gm_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
+                _gm_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000), _gm_exact),
         SBITask("bernoulli_glm", 10, 10, _names(10), _glm_prior, _glm_simulator,
                 _glm_log_likelihood, (1000, 10_000, 100_000, 1_000_000)),
         SBITask("slcp", 5, 8, _names(5), _slcp_prior, _slcp_simulator, _slcp_log_likelihood,
