@@ -332,6 +332,7 @@ def test_ensemble_is_the_weighted_mixture_of_its_members(tmp_path):
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ensemble_draws_follow_the_weights_across_heads():
     # draws of a two-head mixture: their mean is the weighted mean of the members' means, which
     # would fail if sample() drew from one member or one head alone
@@ -348,6 +349,7 @@ def test_ensemble_draws_follow_the_weights_across_heads():
     assert np.abs(means - w @ means).max() > 0.05
 
 
+@pytest.mark.slow
 def test_learning_rate_cuts_go_on_from_the_best_weights():
     prior, simulator = _linear_task()
     est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(19), head="gmm",
