@@ -50,6 +50,10 @@ SECTIONS = [
      "sbibm_1e4_mix` (`benchmarks/results/sbibm_1e4_mix.json`); as above (one MAF per task: "
      "`benchmarks/results/sbibm_1e4_maf_es.md`). Training and sampling times were measured "
      "with two benchmark processes sharing the 2 cores."),
+    ("sbibm_unseen_1e4.md", "NPE on observations of our own (10^4 simulations)",
+     "From `python benchmarks/sbibm_unseen.py` (`benchmarks/results/sbibm_unseen_1e4.json`): "
+     "the tasks with a closed-form posterior, the same estimators scored on the shared "
+     "observations and on new ones; see docs/sbi.md."),
     ("gp_eval_1000.md", "GP posterior predictives: 1,000 held-out data sets",
      "From `python benchmarks/gp_eval.py --methods oracle pfn dt --tasks-per-n 100` "
      "(`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT variant against the "
