@@ -50,6 +50,11 @@ SECTIONS = [
      "sbibm_1e4_mix` (`benchmarks/results/sbibm_1e4_mix.json`); as above (one MAF per task: "
      "`benchmarks/results/sbibm_1e4_maf_es.md`). Training and sampling times were measured "
      "with two benchmark processes sharing the 2 cores."),
+    ("sbibm_1e5_mix1.md", "NPE on sbibm at 10^5 simulations (quick C2ST)",
+     "From `python benchmarks/sbibm.py --budgets 100000 --ensemble 1 --c2st-early-stopping "
+     "--name sbibm_1e5_mix1` (`benchmarks/results/sbibm_1e5_mix1.json`): one spline and one "
+     "autoregressive flow per task, stacked; times measured with two benchmark processes "
+     "sharing the 2 cores; see docs/sbi.md."),
     ("sbibm_unseen_1e4.md", "NPE on observations of our own (10^4 simulations)",
      "From `python benchmarks/sbibm_unseen.py` (`benchmarks/results/sbibm_unseen_1e4.json`): "
      "the tasks with a closed-form posterior, the same estimators scored on the shared "
