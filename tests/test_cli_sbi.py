@@ -14,7 +14,8 @@ runner = CliRunner()
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("npe")
     res = runner.invoke(app, ["sbi", "train", "gaussian_mixture", "--simulations", "300",
-                              "--out", str(out), "--head", "gmm", "--max-epochs", "3"])
+                              "--out", str(out), "--head", "gmm", "--ensemble", "2",
+                              "--max-epochs", "3"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -34,7 +35,7 @@ def test_train_from_a_simulation_file(tmp_path):
     out = tmp_path / "est"
     res = runner.invoke(app, ["sbi", "train", "gaussian_mixture", "--simulations", "150",
                               "--sims-file", str(sims), "--out", str(out), "--head", "gmm",
-                              "--max-epochs", "2"])
+                              "--ensemble", "1", "--max-epochs", "2"])
     assert res.exit_code == 0, res.output
     assert load_npe(out).config["num_simulations"] == 150
 

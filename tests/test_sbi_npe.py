@@ -11,7 +11,8 @@ from flashbayes import sbi
 from flashbayes.amortized import CheckpointError
 from flashbayes.sbi._embedding import make_embedding
 
-TINY = {"hidden": 16, "flow_layers": 2, "knots": 4, "n_components": 2, "ensemble": 1}
+TINY = {"hidden": 16, "flow_layers": 2, "knots": 4, "n_components": 2, "ensemble": 1,
+        "lr_reductions": 0}
 
 
 def _linear_task():
@@ -31,6 +32,7 @@ def _near_closed_form(draws, x_obs):
 def linear_estimator():
     prior, simulator = _linear_task()
     return sbi.train_npe(prior, simulator, 2000, key=jax.random.key(0), head="maf", ensemble=1,
+                         lr_reductions=0,
                          max_epochs=200)
 
 
@@ -88,7 +90,7 @@ def test_early_stopping_stops_and_keeps_the_best_weights():
     events = []
     est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(6), head="gmm",
                         max_epochs=2000, patience=3, learning_rate=3e-3, callback=events.append,
-                        lr_reductions=0, **TINY)
+                        **TINY)
     val = np.array([v for _, v in est.history])
     assert len(est.history) < 2000
     assert len(val) == int(np.argmin(val)) + 1 + 3  # stopped `patience` epochs after the best
@@ -151,10 +153,11 @@ def test_only_successful_simulations_are_used():
 
     sims = sbi.simulate(prior, flaky, 300, seed=0)
     assert 0 < sims.failures["nonfinite"] < 300
-    est = sbi.train_npe(prior, sims, key=jax.random.key(1), max_epochs=2, **TINY)
+    est = sbi.train_npe(prior, sims, key=jax.random.key(1), max_epochs=2, head="nsf", **TINY)
     assert est.config["num_simulations"] == sims.num_ok
     theta, x = np.asarray(sims.theta), np.asarray(sims.x)
-    est2 = sbi.train_npe(prior, (theta, x), key=jax.random.key(1), max_epochs=2, **TINY)
+    est2 = sbi.train_npe(prior, (theta, x), key=jax.random.key(1), max_epochs=2, head="nsf",
+                         **TINY)
     assert est2.config["num_simulations"] == sims.num_ok
     assert bool(jnp.all(jnp.isfinite(est2.stats["x_mean"])))
 
@@ -175,7 +178,7 @@ def test_set_and_series_embeddings():
         return theta + jax.random.normal(k, (8, 1))
 
     est = sbi.train_npe(prior, iid, 200, key=key, embedding="set", embedding_dim=4, max_epochs=2,
-                        **TINY)
+                        head="nsf", **TINY)
     assert est.posterior(np.zeros((8, 1))).sample(key, 5).shape == (5, 1)
 
 
@@ -202,7 +205,8 @@ def test_positive_support_and_theta_outside_the_support():
     def simulator(key, theta):
         return jnp.log(theta) + 0.3 * jax.random.normal(key, (2,))
 
-    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(11), max_epochs=2, **TINY)
+    est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(11), max_epochs=2, head="nsf",
+                        **TINY)
     assert est.support["kind"] == "greater_than"
     post = est.posterior(np.zeros(2))
     assert bool(jnp.all(post.sample(jax.random.key(12), 5000) > 0))
@@ -353,11 +357,10 @@ def test_ensemble_draws_follow_the_weights_across_heads():
 def test_learning_rate_cuts_go_on_from_the_best_weights():
     prior, simulator = _linear_task()
     est = sbi.train_npe(prior, simulator, 300, key=jax.random.key(19), head="gmm",
-                        max_epochs=2000, patience=3, learning_rate=3e-3, lr_reductions=2,
-                        **TINY)
+                        max_epochs=2000, patience=3, learning_rate=3e-3,
+                        **{**TINY, "lr_reductions": 2})
     plain = sbi.train_npe(prior, simulator, 300, key=jax.random.key(19), head="gmm",
-                          max_epochs=2000, patience=3, learning_rate=3e-3, lr_reductions=0,
-                          **TINY)
+                          max_epochs=2000, patience=3, learning_rate=3e-3, **TINY)
     assert len(est.history) > len(plain.history)
     assert est.config["best_val_loss"] <= plain.config["best_val_loss"]
     with pytest.raises(ValueError, match="lr_reductions: expected a non-negative integer"):

@@ -292,6 +292,7 @@ def test_c2st_tells_the_reference_from_a_wrong_posterior_only():
 EXACT = [n for n in NAMES if tasks.get(n).exact_posterior is not None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXACT)
 def test_exact_posterior_matches_the_reference_and_a_wrong_one_does_not(name):
     # exact draws for any observation (used to score estimators on observations of our own):

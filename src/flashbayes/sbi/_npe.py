@@ -18,7 +18,7 @@ Example:
     >>> def simulator(key, theta):
     ...     return theta + 0.05 * jax.random.normal(key, (2,))
     >>> est = sbi.train_npe(prior, simulator, num_simulations=500, key=jax.random.key(0),
-    ...                     ensemble=2, max_epochs=5)   # 2 spline + 2 autoregressive flows
+    ...                     ensemble=1, max_epochs=5)   # 1 spline + 1 autoregressive flow
     >>> draws = est.posterior(jnp.array([0.3, 0.6])).sample(jax.random.key(1), 1000)
     >>> draws.shape, bool(((draws > 0) & (draws < 1)).all())
     ((1000, 2), True)
