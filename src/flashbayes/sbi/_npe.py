@@ -645,7 +645,8 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
         nets.append(net)
         histories.append(history)
         bests.append(best)
-        val_lps.append(np.asarray(_pointwise_log_prob(net, *val)))
+        if len(plan) > 1:  # for the stacking weights
+            val_lps.append(np.asarray(_pointwise_log_prob(net, *val)))
         if len(plan) > 1 and (out_path is not None or m == len(plan) - 1):
             # the members finished so far, weighted by stacking on the validation split
             w = _stacking_weights(np.stack(val_lps))
