@@ -16,7 +16,6 @@ index). Writes benchmarks/results/NAME.json and NAME.md.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def main() -> None:
     for name in args.tasks:
         task = fb.sbi.tasks.get(name)
         i = fb.sbi.tasks.names().index(name)
-        seed = bench.SEED + 100 * i + round(math.log10(args.budget))
+        seed = bench.training_seed(name, args.budget)
         t0 = time.perf_counter()
         est = fb.sbi.train_npe(task.prior(), task.simulator, args.budget,
                                key=jax.random.key(seed), parameter_names=list(task.parameter_names))

@@ -45,6 +45,14 @@ def published(task: str, budget: int, observations: Sequence[int],
     return float(np.mean([float(r["C2ST"]) for r in rows])) if rows else None
 
 
+def training_seed(task: str, budget: int, seed: int = SEED) -> int:
+    """The training seed of a (task, budget) pair: seed + 100 i + round(log10 budget), i the
+    task's place in the registry (so a run over a subset of tasks trains the same networks)."""
+    from flashbayes.sbi import tasks as sbi_tasks
+
+    return seed + 100 * sbi_tasks.names().index(task) + round(math.log10(budget))
+
+
 def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
             observations: Sequence[int],
             max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool) -> dict:
@@ -91,8 +99,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
         journal: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Every (task, budget) pair; rows already in `journal` with the same options are reused.
 
-    The training seed of a pair is `seed + 100 i + round(log10 budget)`, i the task's place in
-    the registry, so a rerun (or a run over a subset of tasks) gives the same networks.
+    The training seed of a pair is `training_seed(task, budget, seed)`, so a rerun (or a run over
+    a subset of tasks) gives the same networks.
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
@@ -128,8 +136,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
             row = run_one(name, int(budget), head=head, ensemble=int(ensemble),
                           observations=options["observations"],
                           max_epochs=max_epochs, c2st_draws=c2st_draws,
-                          seed=seed + 100 * sbi_tasks.names().index(name)
-                          + round(math.log10(int(budget))), early_stopping=early_stopping)
+                          seed=training_seed(name, int(budget), seed),
+                          early_stopping=early_stopping)
             rows.append(row)
             if journal is not None:
                 with open(journal, "a") as fh:

@@ -228,13 +228,14 @@ class _Ensemble(eqx.Module):
 
 def _ensemble(nets: list[_Net], heads: list[str], weights) -> _Ensemble:
     """Group `nets` by head (their order in `heads` must already be grouped)."""
-    groups, sizes, order = [], [], list(dict.fromkeys(heads))
+    order = list(dict.fromkeys(heads))
+    if heads != [h for h in order for _ in range(heads.count(h))]:
+        raise ValueError(f"ensemble: expected members grouped by head; got {heads}")
+    groups, sizes = [], []
     for h in order:
         members = [net for net, hh in zip(nets, heads, strict=True) if hh == h]
         groups.append(_stack(members))
         sizes.append(len(members))
-    if heads != [h for h in order for _ in range(heads.count(h))]:
-        raise ValueError(f"ensemble: expected members grouped by head; got {heads}")
     return _Ensemble(tuple(groups), tuple(sizes), tuple(float(v) for v in weights))
 
 
@@ -254,6 +255,13 @@ def _stacking_weights(log_probs: np.ndarray, iterations: int = 1000) -> np.ndarr
             return w_new
         w = w_new
     return w
+
+
+def _mixture_loss(log_probs: np.ndarray, weights: np.ndarray) -> float:
+    """-mean log sum_m w_m q_m from the members' pointwise log densities (members, points)."""
+    from scipy.special import logsumexp
+
+    return float(-np.mean(logsumexp(np.log(weights)[:, None] + log_probs, axis=0)))
 
 
 def _build_model(config: dict, *, key) -> _Net | _Ensemble:
@@ -653,7 +661,7 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
             keep = [i for i in range(len(w)) if w[i] >= MIN_MEMBER_WEIGHT]
             w_keep = w[keep] / w[keep].sum()
             model = _ensemble([nets[i] for i in keep], [plan[i] for i in keep], w_keep)
-            mix = float(-np.mean(np.asarray(_pointwise_log_prob(model, *val))))
+            mix = _mixture_loss(np.stack([val_lps[i] for i in keep]), w_keep)
             est = NPEEstimator(model, stats, {
                 **config, "members": [plan[i] for i in keep], "weights": w_keep.tolist(),
                 "trained_members": plan[: m + 1], "stacking_weights": w.tolist(),
