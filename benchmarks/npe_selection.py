@@ -9,7 +9,8 @@ negative log density -log q(theta | x) of the test pairs, in the parameters' own
 support bijection's Jacobian included, so every variant is on one scale). Variants: one MAF, one
 MAF with two learning-rate cuts, one NSF with two cuts, five of each mixed with equal weights;
 then the ten networks weighted by stacking (EM on the weights, fitted on the even test pairs and
-scored on the odd ones). Appends one JSON line per variant to
+scored on the odd ones); and, for box priors, single networks under the flat interval map
+(`--variants` picks some). Appends one JSON line per variant to
 benchmarks/results/npe_selection.jsonl.
 """
 
@@ -36,6 +37,17 @@ VARIANTS = [
     {"label": "nsf_lr2", "head": "nsf", "lr_reductions": 2},
     {"label": "maf_lr2_ens5", "head": "maf", "lr_reductions": 2, "members": 5},
     {"label": "nsf_lr2_ens5", "head": "nsf", "lr_reductions": 2, "members": 5},
+    # the box priors' bijection: linear inside the box (interval_map="flat") against the logit
+    {"label": "nsf_lr2_flat8", "head": "nsf", "lr_reductions": 2, "interval_map": "flat",
+     "interval_width": 8.0},
+    {"label": "maf_lr2_flat8", "head": "maf", "lr_reductions": 2, "interval_map": "flat",
+     "interval_width": 8.0},
+    {"label": "nsf_lr2_flat16", "head": "nsf", "lr_reductions": 2, "interval_map": "flat",
+     "interval_width": 16.0},
+    {"label": "nsf_lr2_flat4", "head": "nsf", "lr_reductions": 2, "interval_map": "flat",
+     "interval_width": 4.0},
+    {"label": "maf_lr2_flat4", "head": "maf", "lr_reductions": 2, "interval_map": "flat",
+     "interval_width": 4.0},
 ]
 
 
@@ -56,10 +68,32 @@ def pair_log_q(est, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
                            for i in range(0, len(theta), 5000)])
 
 
+def exact_nll(task: str, theta: np.ndarray, x: np.ndarray) -> float | None:
+    """Mean -log p(theta | x) of the test pairs under the exact posterior (closed-form tasks)."""
+    from scipy.stats import norm
+
+    theta, x = np.asarray(theta, np.float64), np.asarray(x, np.float64)
+    if task == "gaussian_linear":  # N(x / 2, 0.05 I)
+        return float(-norm.logpdf(theta, x / 2, np.sqrt(0.05)).sum(1).mean())
+    if task == "gaussian_linear_uniform":  # N(x, 0.1 I) truncated to [-1, 1]^10
+        s = np.sqrt(0.1)
+        mass = norm.cdf((1 - x) / s) - norm.cdf((-1 - x) / s)
+        return float(-(norm.logpdf(theta, x, s) - np.log(mass)).sum(1).mean())
+    if task == "gaussian_mixture":  # 0.5 N(x, I) + 0.5 N(x, 0.01 I) on [-10, 10]^2
+        lp, mass = [], []
+        for s in (1.0, 0.1):
+            lp.append(norm.logpdf(theta, x, s).sum(1))
+            mass.append(np.prod(norm.cdf((10 - x) / s) - norm.cdf((-10 - x) / s), 1))
+        return float(-(logsumexp(np.stack(lp), axis=0) - np.log(mass[0] + mass[1])).mean())
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=sbi.tasks.names())
     ap.add_argument("--budget", type=int, default=10_000)
+    ap.add_argument("--variants", nargs="+", default=[v["label"] for v in VARIANTS],
+                    choices=[v["label"] for v in VARIANTS])
     args = ap.parse_args()
     out = open(RESULTS / "npe_selection.jsonl", "a")
     for name in args.tasks:
@@ -69,12 +103,19 @@ def main() -> None:
         test = sbi.simulate(prior, task.simulator, 20_000, seed=888, backend="jax").valid()
         theta_t, x_t = np.asarray(test[0], np.float32), np.asarray(test[1], np.float32)
         member_lps = {}
-        for v in VARIANTS:
+        exact = exact_nll(name, theta_t, x_t)
+        if exact is not None:
+            rec = {"task": name, "budget": args.budget, "label": "exact_posterior", "nll": exact}
+            print(json.dumps(rec), flush=True)
+            out.write(json.dumps(rec) + "\n")
+        for v in [v for v in VARIANTS if v["label"] in args.variants]:
             t0, lps, epochs = time.time(), [], []
             for m in range(v.get("members", 1)):
                 est = sbi.train_npe(prior, (np.asarray(train[0]), np.asarray(train[1])),
                                     key=jax.random.key(100 + m), head=v["head"], ensemble=1,
-                                    lr_reductions=v["lr_reductions"])
+                                    lr_reductions=v["lr_reductions"],
+                                    interval_map=v.get("interval_map", "logit"),
+                                    interval_width=v.get("interval_width", 8.0))
                 lps.append(pair_log_q(est, theta_t, x_t))
                 epochs.append(est.config["epochs"])
             lps = np.stack(lps)
@@ -87,6 +128,8 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             out.write(json.dumps(rec) + "\n")
             out.flush()
+        if not {"nsf_lr2_ens5", "maf_lr2_ens5"} <= set(member_lps):
+            continue
         both = np.concatenate([member_lps["nsf_lr2_ens5"], member_lps["maf_lr2_ens5"]])
         w = _stacking_weights(both[:, ::2])
         held = both[:, 1::2]

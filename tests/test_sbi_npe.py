@@ -56,12 +56,14 @@ def test_log_prob_is_consistent_with_samples(linear_estimator):
     assert post.log_prob(draws[0]).shape == ()
 
 
-@pytest.mark.parametrize("head", ["gmm", "nsf", "maf"])
-def test_bounded_support_gets_all_the_mass(head):
+@pytest.mark.parametrize("head,interval_map", [("gmm", "logit"), ("nsf", "logit"),
+                                                ("maf", "logit"), ("nsf", "flat")])
+def test_bounded_support_gets_all_the_mass(head, interval_map):
     # gaussian_mixture: a box prior and an observation at the edge of the box
     task = sbi.tasks.get("gaussian_mixture")
     est = sbi.train_npe(task.prior(), task.simulator, 600, key=jax.random.key(3), head=head,
-                        max_epochs=3, **TINY)
+                        interval_map=interval_map, max_epochs=3, **TINY)
+    assert est.support.get("map", "logit") == interval_map
     post = est.posterior(np.array([-9.8, 9.9]))
     draws = np.asarray(post.sample(jax.random.key(4), 20_000))
     assert np.all((draws > -10) & (draws < 10))
@@ -76,13 +78,38 @@ def test_log_prob_integrates_to_one_on_a_box():
     def simulator(key, theta):
         return theta + 0.2 * jax.random.normal(key, (2,))
 
-    for head in ("gmm", "nsf"):
+    for head, interval_map in (("gmm", "logit"), ("nsf", "logit"), ("nsf", "flat")):
         est = sbi.train_npe(prior, simulator, 400, key=jax.random.key(5), head=head,
-                            max_epochs=3, **TINY)
+                            interval_map=interval_map, max_epochs=3, **TINY)
         grid = (np.arange(400) + 0.5) / 400
         pts = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
         mass = float(jnp.exp(est.posterior(np.array([0.4, 0.5])).log_prob(pts)).mean())
         assert abs(mass - 1.0) < 0.02, (head, mass)
+
+
+def test_flat_interval_map_is_affine_inside_and_its_jacobian_is_right():
+    from flashbayes.sbi._npe import _Transform
+
+    box = {"kind": "interval", "lower": [-1.0, 0.0], "upper": [1.0, 5.0]}
+    flat, logit = _Transform({**box, "map": "flat", "width": 8.0}), _Transform(box)
+    u = jnp.array([[-12.0, -3.0], [0.0, 2.0], [4.0, 7.0], [9.0, -9.5]])
+    for t in (flat, logit):
+        theta = t(u)
+        assert np.allclose(t.inverse(theta), u, atol=2e-3)
+        jac = jax.vmap(jax.jacfwd(t))(u)
+        assert np.allclose(jnp.linalg.slogdet(jac)[1], jax.vmap(t.log_det)(u), atol=1e-3)
+
+    def bend(t):  # the largest relative change of dtheta/du over the middle 60 % of the box
+        mid = t.inverse(jnp.linspace(-0.6, 0.6, 61)[:, None] * jnp.array([1.0, 0.0])
+                        + jnp.array([0.0, 2.5]))
+        slope = jax.vmap(jax.jacfwd(t))(mid)[:, 0, 0]
+        return float(slope.max() / slope.min() - 1)
+
+    assert bend(flat) < 0.05 and bend(logit) > 0.5  # the logit bends the whole box
+    with pytest.raises(ValueError, match="interval_map"):
+        sbi.train_npe(dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1),
+                      (np.full((20, 2), 0.5), np.zeros((20, 2))), key=jax.random.key(0),
+                      interval_map="tanh", **TINY)
 
 
 def test_early_stopping_stops_and_keeps_the_best_weights():

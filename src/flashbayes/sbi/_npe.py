@@ -2,8 +2,9 @@
 
 Training pairs (theta, x) come from the prior and the simulator (or a stored `Simulations`).
 theta is mapped to an unbounded space by a bijection chosen from the prior's support (identity on
-the real line, logit-affine on a box, log on the positive half-line), so that the posterior puts
-no mass outside the support; then theta and x are z-scored with the training set's statistics.
+the real line, on a box a map that is linear but for the edges (`interval_map="flat"`, the
+default) or the logit, log on the positive half-line), so that the posterior puts no mass outside
+the support; then theta and x are z-scored with the training set's statistics.
 The density head is a Gaussian mixture (``"gmm"``, a mixture density network whose output is a
 `flashbayes.GMM`), a neural spline coupling flow (``"nsf"``) or a masked autoregressive flow
 (``"maf"``), both from flowjax. Training minimises -log q(theta | x) with Adam, keeps a validation
@@ -78,6 +79,50 @@ def _support_spec(prior: Any, dim: int) -> dict:
                      f"{support}")
 
 
+INTERVAL_MAPS = ("logit", "flat")
+
+
+def _flat_interval_transform(lower, upper, width):
+    """R^d onto the box (lower, upper), linear on most of it and bending only near the edges.
+
+    Per coordinate, theta = lower + (upper - lower) g(u) with
+
+        g(u) = (softplus(u + c) - softplus(u - c)) / (2 c),   c = width,
+
+    so g is the straight line (u + c) / (2 c) on |u| < c less a few units, and logistic within
+    a few units of +-c. A posterior that keeps off the edges is mapped affinely (a Gaussian stays
+    a Gaussian), unlike under the logit, which bends the whole box.
+    """
+    from numpyro.distributions import constraints
+    from numpyro.distributions.transforms import Transform
+
+    c = float(width)
+    log_scale = jnp.log(upper - lower) + (2 * c + math.log1p(-math.exp(-2 * c))) - math.log(2 * c)
+
+    class _Flat(Transform):
+        domain = constraints.real_vector
+        codomain = constraints.independent(constraints.interval(lower, upper), 1)
+        sign = 1
+
+        def __call__(self, u):
+            g = (jax.nn.softplus(u + c) - jax.nn.softplus(u - c)) / (2 * c)
+            fi = jnp.finfo(jnp.result_type(g))
+            return lower + (upper - lower) * jnp.clip(g, fi.tiny, 1.0 - fi.eps)
+
+        def _inverse(self, theta):
+            y = jnp.clip((theta - lower) / (upper - lower), 0.0, 1.0)
+            return (c * (2 * y - 1) + jnp.log(-jnp.expm1(-2 * c * y))
+                    - jnp.log(-jnp.expm1(-2 * c * (1 - y))))
+
+        def log_abs_det_jacobian(self, u, theta, intermediates=None):
+            # g'(u) = (sigmoid(u + c) - sigmoid(u - c)) / (2 c)
+            #       = sigmoid(u - c) sigmoid(-u - c) (e^{2c} - 1) / (2 c)
+            return jnp.sum(jax.nn.log_sigmoid(u - c) + jax.nn.log_sigmoid(-u - c) + log_scale,
+                           -1)
+
+    return _Flat()
+
+
 def _bijection(spec: dict):
     """The NumPyro transform from R^d onto the support described by `spec`."""
     from numpyro.distributions import constraints
@@ -86,6 +131,9 @@ def _bijection(spec: dict):
     if spec["kind"] == "real":
         return biject_to(constraints.real_vector)
     lower = jnp.asarray(spec["lower"], jnp.float32)
+    if spec["kind"] == "interval" and spec.get("map", "logit") == "flat":
+        return _flat_interval_transform(lower, jnp.asarray(spec["upper"], jnp.float32),
+                                        spec["width"])
     if spec["kind"] == "interval":
         base = constraints.interval(lower, jnp.asarray(spec["upper"], jnp.float32))
     else:
@@ -378,7 +426,7 @@ class _Transform(eqx.Module):
     safe_point: jax.Array
 
     def __init__(self, spec: dict):
-        self.spec = {k: (jnp.asarray(v, jnp.float32) if k != "kind" else v)
+        self.spec = {k: (jnp.asarray(v, jnp.float32) if isinstance(v, list) else v)
                      for k, v in spec.items()}
         if spec["kind"] == "interval":
             self.safe_point = 0.5 * (self.spec["lower"] + self.spec["upper"])
@@ -547,7 +595,8 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
               hidden: int = 50, flow_layers: int = 5, knots: int = 10,
               validation_fraction: float = 0.1, max_epochs: int = 1000, patience: int = 20,
               batch_size: int = 200, learning_rate: float = 5e-4, lr_reductions: int = 2,
-              ensemble: int = 5, parameter_names: list[str] | None = None,
+              ensemble: int = 5, interval_map: str = "flat", interval_width: float = 8.0,
+              parameter_names: list[str] | None = None,
               out_dir: str | os.PathLike | None = None,
               callback: Callable[[NPEEvent], Any] | None = None) -> NPEEstimator:
     """Train q(theta | x) on simulations from `prior` and a simulator.
@@ -576,6 +625,10 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
             their mixture, weighted to maximise the validation split's log density (stacking,
             by EM on the weights); networks with weight below 1e-3 are dropped.
         batch_size, learning_rate: Adam on minibatches (gradient norm clipped at 5).
+        interval_map: for a prior on a box, the bijection from R^d onto it: ``"logit"``
+            (logistic per coordinate) or ``"flat"`` (linear on the box but for its edges, where
+            it bends like a logistic; `interval_width` c sets how far: the linear part spans
+            about u in (-c + 3, c - 3) before z-scoring). Ignored for other supports.
         parameter_names: names of the theta coordinates (kept in the checkpoint).
         out_dir: if given, the best estimator so far is written to ``out_dir/npe.safetensors``
             (atomically) whenever the validation loss improves.
@@ -606,7 +659,14 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     if n - n_val < 2:
         raise ValueError(f"simulations: expected at least {n_val + 2} successful simulations; "
                          f"got {n}")
+    if interval_map not in INTERVAL_MAPS:
+        raise ValueError(f"interval_map: expected one of {list(INTERVAL_MAPS)}; got "
+                         f"{interval_map!r}")
+    if not (isinstance(interval_width, (int, float)) and 2.0 <= interval_width <= 40.0):
+        raise ValueError(f"interval_width: expected a number in [2, 40]; got {interval_width!r}")
     support = _support_spec(prior, dim)
+    if support["kind"] == "interval" and interval_map == "flat":
+        support = {**support, "map": "flat", "width": float(interval_width)}
     transform = _Transform(support)
     inside = np.asarray(_in_support(support, jnp.asarray(theta))) if support["kind"] != "real" \
         else np.ones(n, bool)
