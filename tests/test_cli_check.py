@@ -22,6 +22,7 @@ def exact():
     return fb.diagnostics.PosteriorModel.exact(fb.tasks.get("gmm_linear"))
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_check_checkpoint_file_writes_report(tmp_path, tiny_model_path):
     # a barely trained model: its posterior is close to the prior, which SBC cannot tell from
     # calibrated; the test is about the command, so either verdict is accepted

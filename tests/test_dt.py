@@ -69,6 +69,7 @@ def test_permuting_components_permutes_output_and_data_changes_nothing():
                                atol=1e-4)
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_padding_does_not_change_the_answer():
     task = fb.tasks.get("gmm_linear")
     net = _perturbed_net(task)
@@ -87,6 +88,7 @@ def test_padding_does_not_change_the_answer():
         np.testing.assert_allclose(np.asarray(b)[:k], np.asarray(a), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_batched_call_equals_single_calls():
     task = fb.tasks.get("gmm_linear")
     model = AmortizedPosterior(_perturbed_net(task), task)
@@ -155,6 +157,7 @@ def test_zero_weight_component_stays_finite_and_zero():
     assert np.isfinite(float(lp))
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_posterior_arrays_grouping_chunking_and_scattered_masks():
     """Rows are regrouped by size bucket and run in chunks; results come back in input order,
     and masks whose real rows are not at the front give the same answer."""

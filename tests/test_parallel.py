@@ -61,6 +61,7 @@ def four_devices() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_four_simulated_devices_equal_one(four_devices):
     assert four_devices["n_devices"] == 4
     ref = four_devices["1"]
@@ -69,12 +70,14 @@ def test_four_simulated_devices_equal_one(four_devices):
         assert _agrees(four_devices[n], ref), n
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_resume_on_another_device_count_equals_uninterrupted(four_devices):
     assert four_devices["resumed_from"] == "ckpt_00000002.safetensors"
     assert len(four_devices["resumed"]["loss"]) == 2  # steps 3 and 4 only
     assert _agrees(four_devices["resumed"], four_devices["1"])
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_the_equality_check_fails_when_devices_draw_the_same_slice(four_devices):
     bad, ref = four_devices["duplicated_slices"], four_devices["1"]
     assert not _agrees(bad, ref)

@@ -88,6 +88,7 @@ def test_config_validation_and_round_trip():
         PFNConfig(x_dim=1, borders=tuple(np.linspace(-1, 1, 5)), d_model=30, n_heads=4)
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_checkpoint_round_trip_through_fit_network(tmp_path):
     task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
     borders = prior_borders(task, jax.random.key(0), 8, n_samples=2000)
@@ -219,6 +220,7 @@ def test_infer_answers_with_the_network_inside_and_nuts_outside_the_range():
         fb.infer(model, (cx, cy), key=jax.random.key(0))
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_gmm_head_gives_a_mixture_per_query_point():
     from flashbayes.amortized._pfn import PFNPredictor
     from flashbayes.distributions import GaussianMixturePredictive

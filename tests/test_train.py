@@ -30,6 +30,7 @@ def test_training_reduces_loss_and_reports(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_same_key_same_model(tiny_cfg):
     a = fb.train("gmm_linear", tiny_cfg, key=jax.random.key(3))
     b = fb.train("gmm_linear", tiny_cfg, key=jax.random.key(3))
@@ -134,6 +135,7 @@ def test_nan_guard_stops_and_keeps_weights():
     assert events and all("non-finite" in e.message for e in events)
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_nan_steps_leave_weights_exactly_as_initialised():
     from flashbayes.amortized import DistributionTransformer
 
