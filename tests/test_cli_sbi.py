@@ -35,13 +35,15 @@ def test_train_from_a_simulation_file(tmp_path):
     out = tmp_path / "est"
     res = runner.invoke(app, ["sbi", "train", "gaussian_mixture", "--simulations", "150",
                               "--sims-file", str(sims), "--out", str(out), "--head", "gmm",
-                              "--ensemble", "1", "--max-epochs", "2"])
+                              "--ensemble", "1", "--max-epochs", "2", "--interval-map", "logit"])
     assert res.exit_code == 0, res.output
-    assert load_npe(out).config["num_simulations"] == 150
+    est = load_npe(out)
+    assert est.config["num_simulations"] == 150 and "map" not in est.support  # the logit
 
 
 def test_train_then_sample_writes_named_columns(trained, tmp_path):
     assert load_npe(trained).parameter_names == ["parameter_1", "parameter_2"]
+    assert load_npe(trained).support["map"] == "flat"  # the default on a box prior
     obs = tmp_path / "obs.csv"
     obs.write_text("data_1,data_2\n-9.47,-1.49\n")
     out = tmp_path / "samples.csv"
@@ -66,6 +68,8 @@ def test_train_then_sample_writes_named_columns(trained, tmp_path):
     (["sbi", "simulate", "slcp", "--n", "0", "--out", "x.npz"], "--n: expected a positive"),
     (["sbi", "train", "slcp", "--simulations", "100", "--out", "d", "--head", "flow"],
      "head: expected one of"),
+    (["sbi", "train", "slcp", "--simulations", "100", "--out", "d", "--interval-map", "tanh"],
+     "interval_map: expected one of"),
     (["sbi", "train", "slcp", "--simulations", "100", "--out", "d", "--sims-file", "none.npz"],
      "--sims-file: expected"),
     (["sbi", "sample", "no_such_dir", "--observation", "o.csv", "--out", "s.csv"],

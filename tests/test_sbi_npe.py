@@ -106,6 +106,9 @@ def test_flat_interval_map_is_affine_inside_and_its_jacobian_is_right():
         return float(slope.max() / slope.min() - 1)
 
     assert bend(flat) < 0.05 and bend(logit) > 0.5  # the logit bends the whole box
+    for t in (flat, logit):  # far tails round onto the edge in float32: still strictly inside
+        edge = t(jnp.array([[-200.0, 200.0], [200.0, -200.0]]))
+        assert bool(jnp.all((edge > jnp.array([-1.0, 0.0])) & (edge < jnp.array([1.0, 5.0]))))
     with pytest.raises(ValueError, match="interval_map"):
         sbi.train_npe(dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1),
                       (np.full((20, 2), 0.5), np.zeros((20, 2))), key=jax.random.key(0),

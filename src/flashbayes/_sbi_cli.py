@@ -89,6 +89,9 @@ def train_cmd(
         head: Annotated[str, typer.Option(
             help="density head: nsf, maf, gmm, or several joined by '+'")] = "nsf+maf",
         ensemble: Annotated[int, typer.Option(help="networks trained per head")] = 5,
+        interval_map: Annotated[str, typer.Option(
+            help="bijection onto a box prior: flat (linear but near the edges) or logit")]
+        = "flat",
         sims_file: Annotated[Path | None, typer.Option(
             help="train on the first SIMULATIONS of this .npz file instead of simulating")]
         = None,
@@ -123,7 +126,8 @@ def train_cmd(
             progress.update(bar, epoch=ev.epoch, val=f"{ev.val_loss:.4f}", member=ev.member + 1)
 
         est = train_npe(t.prior(), source, budget, key=jax.random.key(seed), head=head,
-                        ensemble=ensemble, max_epochs=max_epochs, patience=patience,
+                        ensemble=ensemble, interval_map=interval_map,
+                        max_epochs=max_epochs, patience=patience,
                         parameter_names=list(t.parameter_names), out_dir=out, callback=report)
     epochs = est.config["epochs"]
     nets = len(epochs) if isinstance(epochs, list) else 1

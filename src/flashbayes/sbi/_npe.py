@@ -439,7 +439,15 @@ class _Transform(eqx.Module):
         return _bijection({k: v for k, v in self.spec.items()})
 
     def __call__(self, u):
-        return self._t()(u)
+        theta = self._t()(u)
+        # far in the tails the map rounds onto the boundary in float32: keep draws strictly inside
+        if self.spec["kind"] != "real":
+            lower = self.spec["lower"].astype(theta.dtype)
+            theta = jnp.maximum(theta, jnp.nextafter(lower, jnp.inf))
+        if self.spec["kind"] == "interval":
+            upper = self.spec["upper"].astype(theta.dtype)
+            theta = jnp.minimum(theta, jnp.nextafter(upper, -jnp.inf))
+        return theta
 
     def inverse(self, theta):
         return self._t().inv(theta)
