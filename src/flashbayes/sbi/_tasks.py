@@ -49,6 +49,8 @@ class SBITask:
         exact_posterior: ``exact_posterior(key, x, n) -> (n, d)`` exact posterior draws for
             any observation, where the posterior has a closed form (else None), so that
             estimators can be checked on observations of our own.
+        symmetry: ``symmetry(key, draws) -> draws`` maps draws to a random image under a
+            symmetry of the posterior (for slcp the sign flips of theta_3 and theta_4), or None.
     """
 
     name: str
@@ -60,6 +62,14 @@ class SBITask:
     log_likelihood: Callable[[jax.Array, jax.Array], jax.Array]
     budgets: tuple[int, ...]
     exact_posterior: Callable[[jax.Array, Any, int], np.ndarray] | None = None
+    symmetry: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+    def reference_posterior(self, key: jax.Array, x: Any, n: int) -> np.ndarray:
+        """n draws (n, d) from p(theta | x) for any observation x: the closed form where there
+        is one, else a 2-D grid (sir) or NUTS (see `flashbayes.sbi._reference`)."""
+        from flashbayes.sbi._reference import reference_posterior
+
+        return reference_posterior(self, key, x, n)
 
     def log_joint(self, theta: jax.Array, x: jax.Array) -> jax.Array:
         """log prior(theta) + log_likelihood(theta, x) (-inf outside the prior's support)."""
@@ -220,6 +230,13 @@ def _slcp_simulator(key, theta):
     return z.reshape(8)
 
 
+def _slcp_flip_signs(key, draws):
+    """The likelihood depends on theta_3 and theta_4 through their squares and the prior box is
+    symmetric, so flipping their signs maps the posterior onto itself: flip each at random."""
+    signs = jnp.where(jax.random.bernoulli(key, 0.5, (draws.shape[0], 2)), -1.0, 1.0)
+    return draws.at[:, 2:4].multiply(signs.astype(draws.dtype))
+
+
 def _slcp_log_likelihood(theta, x):
     mean, cov = _slcp_mean_cov(theta)
     return jax.scipy.stats.multivariate_normal.logpdf(x.reshape(4, 2), mean, cov).sum()
@@ -286,7 +303,7 @@ _REGISTRY: dict[str, SBITask] = {
         SBITask("bernoulli_glm", 10, 10, _names(10), _glm_prior, _glm_simulator,
                 _glm_log_likelihood, (1000, 10_000, 100_000, 1_000_000)),
         SBITask("slcp", 5, 8, _names(5), _slcp_prior, _slcp_simulator, _slcp_log_likelihood,
-                (1000, 10_000, 100_000, 1_000_000)),
+                (1000, 10_000, 100_000, 1_000_000), symmetry=_slcp_flip_signs),
         SBITask("sir", 2, 10, ("$\\beta$", "$\\gamma$"), _sir_prior, _sir_simulator,
                 _sir_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
     )
