@@ -57,8 +57,8 @@ SECTIONS = [
      "sharing the 2 cores; see docs/sbi.md."),
     ("sbibm_unseen_1e4.md", "NPE on observations of our own (10^4 simulations)",
      "From `python benchmarks/sbibm_unseen.py` (`benchmarks/results/sbibm_unseen_1e4.json`): "
-     "the tasks with a closed-form posterior, the same estimators scored on the shared "
-     "observations and on new ones; see docs/sbi.md."),
+     "the same estimators scored on the shared observations and on new ones, against "
+     "`task.reference_posterior`; see docs/sbi.md."),
     ("gp_eval_1000.md", "GP posterior predictives: 1,000 held-out data sets",
      "From `python benchmarks/gp_eval.py --methods oracle pfn dt --tasks-per-n 100` "
      "(`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT variant against the "

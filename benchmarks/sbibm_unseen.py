@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=5)
     ap.add_argument("--name", default="sbibm_unseen_1e4")
     args = ap.parse_args()
+    if args.new < 2:
+        ap.error(f"--new: expected at least 2 new observations (for a standard error); got "
+                 f"{args.new}")
     rows = []
     for name in args.tasks:
         task = fb.sbi.tasks.get(name)

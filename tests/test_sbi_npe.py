@@ -109,6 +109,12 @@ def test_flat_interval_map_is_affine_inside_and_its_jacobian_is_right():
     for t in (flat, logit):  # far tails round onto the edge in float32: still strictly inside
         edge = t(jnp.array([[-200.0, 200.0], [200.0, -200.0]]))
         assert bool(jnp.all((edge > jnp.array([-1.0, 0.0])) & (edge < jnp.array([1.0, 5.0]))))
+    # and a point next to an edge has a finite preimage and log-Jacobian
+    near = jnp.array([[jnp.nextafter(-1.0, 0.0), jnp.nextafter(5.0, 0.0)]], jnp.float32)
+    u_near = flat.inverse(near)
+    assert bool(jnp.all(jnp.isfinite(u_near))) and bool(jnp.isfinite(flat.log_det(u_near[0])))
+    half_line = _Transform({"kind": "greater_than", "lower": [0.0]})
+    assert float(half_line(jnp.array([-200.0]))[0]) > 0.0  # not flushed onto the bound
     with pytest.raises(ValueError, match="interval_map"):
         sbi.train_npe(dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1),
                       (np.full((20, 2), 0.5), np.zeros((20, 2))), key=jax.random.key(0),

@@ -354,5 +354,7 @@ def test_slcp_reference_needs_its_stuck_chains_dropped_and_its_mirror_modes():
     assert c2st(ref, one_mode, seed=1, early_stopping=True) < 0.56
     one_mode[:, 2:4] = np.abs(one_mode[:, 2:4])
     assert c2st(ref, one_mode, seed=1, early_stopping=True) > 0.6
-    with pytest.raises(ValueError, match="expected 8 finite values"):
+    with pytest.raises(ValueError, match="expected 8 finite values; got 8 NaN"):
         task.reference_posterior(jax.random.key(0), np.full(8, np.nan), 10)
+    with pytest.raises(ValueError, match=r"expected shape \(8,\) for slcp"):
+        task.reference_posterior(jax.random.key(0), np.zeros(5), 10)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,9 @@ def _flat_interval_transform(lower, upper, width):
             return lower + (upper - lower) * jnp.clip(g, fi.tiny, 1.0 - fi.eps)
 
         def _inverse(self, theta):
-            y = jnp.clip((theta - lower) / (upper - lower), 0.0, 1.0)
+            fi = jnp.finfo(jnp.result_type(theta))
+            # the open interval: a point next to an edge must not round onto it
+            y = jnp.clip((theta - lower) / (upper - lower), fi.tiny, 1.0 - fi.eps / 2)
             return (c * (2 * y - 1) + jnp.log(-jnp.expm1(-2 * c * y))
                     - jnp.log(-jnp.expm1(-2 * c * (1 - y))))
 
@@ -443,7 +446,10 @@ class _Transform(eqx.Module):
         # far in the tails the map rounds onto the boundary in float32: keep draws strictly inside
         if self.spec["kind"] != "real":
             lower = self.spec["lower"].astype(theta.dtype)
-            theta = jnp.maximum(theta, jnp.nextafter(lower, jnp.inf))
+            # (next to 0 is a denormal, which XLA on CPU flushes to 0: the smallest normal)
+            above = jnp.where(lower == 0, jnp.finfo(theta.dtype).tiny,
+                              jnp.nextafter(lower, jnp.inf))
+            theta = jnp.maximum(theta, above)
         if self.spec["kind"] == "interval":
             upper = self.spec["upper"].astype(theta.dtype)
             theta = jnp.minimum(theta, jnp.nextafter(upper, -jnp.inf))
@@ -660,6 +666,12 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
             raise ValueError(f"{name}: expected a positive integer; got {value!r}")
     if isinstance(lr_reductions, bool) or not isinstance(lr_reductions, int) or lr_reductions < 0:
         raise ValueError(f"lr_reductions: expected a non-negative integer; got {lr_reductions!r}")
+    if interval_map not in INTERVAL_MAPS:
+        raise ValueError(f"interval_map: expected one of {list(INTERVAL_MAPS)}; got "
+                         f"{interval_map!r}")
+    if (isinstance(interval_width, bool) or not isinstance(interval_width, numbers.Real)
+            or not 2.0 <= float(interval_width) <= 40.0):
+        raise ValueError(f"interval_width: expected a number in [2, 40]; got {interval_width!r}")
     k_sim, k_split, k_init, k_train = jax.random.split(key, 4)
     theta, x = _training_pairs(prior, simulator_or_simulations, num_simulations, k_sim)
     n, dim = theta.shape
@@ -667,11 +679,6 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     if n - n_val < 2:
         raise ValueError(f"simulations: expected at least {n_val + 2} successful simulations; "
                          f"got {n}")
-    if interval_map not in INTERVAL_MAPS:
-        raise ValueError(f"interval_map: expected one of {list(INTERVAL_MAPS)}; got "
-                         f"{interval_map!r}")
-    if not (isinstance(interval_width, (int, float)) and 2.0 <= interval_width <= 40.0):
-        raise ValueError(f"interval_width: expected a number in [2, 40]; got {interval_width!r}")
     support = _support_spec(prior, dim)
     if support["kind"] == "interval" and interval_map == "flat":
         support = {**support, "map": "flat", "width": float(interval_width)}

@@ -62,7 +62,8 @@ def _grid_draws(task, key: jax.Array, x: jax.Array, n: int) -> np.ndarray:
     k_prior, k_cell, k_jitter = jax.random.split(key, 3)
     z_prior = np.asarray(bij.inv(task.prior().sample(k_prior, (20_000,))), np.float64)
     lo, hi = np.quantile(z_prior, 0.0002, axis=0), np.quantile(z_prior, 0.9998, axis=0)
-    for _ in range(3):  # the prior's range, then twice onto where the posterior is
+    refined = widened = 0
+    while refined < 3:  # the prior's range, then twice onto where the posterior is
         axes = [np.linspace(lo[i], hi[i], GRID) for i in range(2)]
         pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
         lp = np.concatenate([np.asarray(batch(jnp.asarray(pts[i:i + 10_000], jnp.float32), x))
@@ -72,8 +73,20 @@ def _grid_draws(task, key: jax.Array, x: jax.Array, n: int) -> np.ndarray:
         keep = (lp > lp.max() - GRID_WINDOW).reshape(GRID, GRID)
         step = (hi - lo) / (GRID - 1)
         idx = [np.nonzero(keep.any(axis=1 - i))[0] for i in range(2)]
-        lo = np.array([axes[i][max(idx[i][0] - 2, 0)] for i in range(2)])
-        hi = np.array([axes[i][min(idx[i][-1] + 2, GRID - 1)] for i in range(2)])
+        at_edge = [(idx[i][0] == 0, idx[i][-1] == GRID - 1) for i in range(2)]
+        if any(any(e) for e in at_edge):  # mass reaches the box's edge: widen that side
+            widened += 1
+            if widened > 10:
+                raise RuntimeError("reference_posterior: the grid did not contain the "
+                                   "posterior's mass after 10 widenings")
+            for i in range(2):
+                lo[i] -= (hi[i] - lo[i]) * at_edge[i][0]
+                hi[i] += (hi[i] - lo[i]) * at_edge[i][1]
+            continue
+        refined += 1
+        if refined < 3:
+            lo = np.array([axes[i][max(idx[i][0] - 2, 0)] for i in range(2)])
+            hi = np.array([axes[i][min(idx[i][-1] + 2, GRID - 1)] for i in range(2)])
     w = np.exp(lp - lp.max())
     cells = np.asarray(jax.random.choice(k_cell, len(pts), (n,), p=jnp.asarray(w / w.sum())))
     jitter = np.asarray(jax.random.uniform(k_jitter, (n, 2), minval=-0.5, maxval=0.5))
@@ -88,7 +101,9 @@ def _nuts_draws(task, key: jax.Array, x: jax.Array, n: int, *, num_chains: int =
     fn, bij = _unconstrained_log_density(task.name)
     k_init, k_run, k_perm, k_sym = jax.random.split(key, 4)
     init = bij.inv(task.prior().sample(k_init, (num_chains,)))
-    per_chain = -(-4 * n // num_chains)  # every second draw is kept, half the chains may go
+    # every second draw is kept, and up to three quarters of the chains may be dropped; at least
+    # 250 kept per chain, so that a chain's mean log density is known to well within the tolerance
+    per_chain = max(-(-4 * n // num_chains), 500)
     post = nuts(k_run, LogDensityTarget(fn, dim=task.dim_theta, args=(x,)),
                 num_warmup=num_warmup, num_samples=per_chain, num_chains=num_chains,
                 init=init, warn=False)
@@ -98,6 +113,9 @@ def _nuts_draws(task, key: jax.Array, x: jax.Array, n: int, *, num_chains: int =
     lp = np.asarray(jax.vmap(jax.vmap(fn, in_axes=(0, None)), in_axes=(0, None))(
         jnp.asarray(z), x))
     mean_lp = np.where(np.isfinite(lp).all(1), lp.mean(1), -np.inf)
+    if not np.isfinite(mean_lp.max()):
+        raise RuntimeError("reference_posterior: no NUTS chain stayed where the posterior is "
+                           "positive")
     kept = mean_lp >= mean_lp.max() - chain_tolerance
     z = z[kept].reshape(-1, task.dim_theta)
     if len(z) < n:
@@ -115,8 +133,11 @@ def reference_posterior(task, key: jax.Array, x: Any, n: int) -> np.ndarray:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n: expected a positive integer; got {n!r}")
     x = jnp.asarray(x, jnp.float32)
-    if x.shape != (task.dim_x,) or not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(f"x: expected {task.dim_x} finite values; got shape {x.shape}")
+    if x.shape != (task.dim_x,):
+        raise ValueError(f"x: expected shape ({task.dim_x},) for {task.name}; got {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"x: expected {task.dim_x} finite values; got "
+                         f"{int((~jnp.isfinite(x)).sum())} NaN or infinite")
     if task.exact_posterior is not None:
         draws = task.exact_posterior(key, x, int(n))
     elif task.dim_theta == 2:
