@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 import flashbayes as fb
 from flashbayes.benchmarks import _sbibm_bench as bench
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_draws(post, n: int = 10_000, repeats: int = 20) -> tuple[float, float]:
@@ -76,7 +73,7 @@ def main() -> None:
              "| task | dim θ | networks kept | mixture ms (p90) | one NSF ms | one MAF ms |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        kept = " + ".join(f"{r['members'].count(h)} {h}" for h in dict.fromkeys(r["members"]))
+        kept = bench._kept(r)
 
         def ms(key, r=r):
             return "—" if key not in r else f"{1000 * r[key]:.1f}"

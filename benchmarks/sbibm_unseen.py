@@ -26,6 +26,7 @@ import numpy as np
 
 import flashbayes as fb
 from flashbayes.benchmarks import _sbibm_bench as bench
+from flashbayes.sbi._reference import reference_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OBS_SEED = 31415
@@ -94,9 +95,7 @@ def main() -> None:
              "| published NPE, shared 1-5 |", "|---|---|---|---|---|---|"]
     for r in rows:
         pub = "—" if r["published_npe"] is None else f"{r['published_npe']:.3f}"
-        task = fb.sbi.tasks.get(r["task"])
-        kind = ("closed form" if task.exact_posterior else
-                "grid" if task.dim_theta == 2 else "NUTS")
+        kind = reference_method(fb.sbi.tasks.get(r["task"]))
         lines.append(f"| {r['task']} | {kind} | {r['reference_check_max']:.3f} | "
                      f"{r['shared_mean']:.3f} | {r['new_mean']:.3f} ± {r['new_se']:.3f} | {pub} |")
     from _docs import save

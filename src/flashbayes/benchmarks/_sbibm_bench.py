@@ -155,7 +155,7 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
 
 def _kept(row: dict) -> str:
     """The networks in the final mixture, e.g. '3 nsf + 2 maf'."""
-    members = row.get("members", [row["head"]])
+    members = row["members"] if "members" in row else [row["head"]]
     return " + ".join(f"{members.count(h)} {h}" for h in dict.fromkeys(members))
 
 

@@ -128,6 +128,13 @@ def _nuts_draws(task, key: jax.Array, x: jax.Array, n: int, *, num_chains: int =
     return theta
 
 
+def reference_method(task) -> str:
+    """How `reference_posterior` draws for this task: "closed form", "grid" or "NUTS"."""
+    if task.exact_posterior is not None:
+        return "closed form"
+    return "grid" if task.dim_theta == 2 else "NUTS"
+
+
 def reference_posterior(task, key: jax.Array, x: Any, n: int) -> np.ndarray:
     """n draws (n, d) from the posterior of `task` given one observation x (see module doc)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -138,9 +145,10 @@ def reference_posterior(task, key: jax.Array, x: Any, n: int) -> np.ndarray:
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError(f"x: expected {task.dim_x} finite values; got "
                          f"{int((~jnp.isfinite(x)).sum())} NaN or infinite")
-    if task.exact_posterior is not None:
+    method = reference_method(task)
+    if method == "closed form":
         draws = task.exact_posterior(key, x, int(n))
-    elif task.dim_theta == 2:
+    elif method == "grid":
         draws = _grid_draws(task, key, x, int(n))
     else:
         draws = _nuts_draws(task, key, x, int(n))
