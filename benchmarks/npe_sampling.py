@@ -6,7 +6,9 @@ Usage:
 Trains the default estimator of each task (seed as in benchmarks/sbibm.py), then times
 `posterior(x_obs).sample(key, 10_000)` for observation 1: one compiling call, then the median
 and 90th percentile of 20 calls with fresh keys. Also times one network of each head alone (the
-mixture's first spline and first autoregressive flow, weight 1), to show where the time goes.
+mixture's first spline and first autoregressive flow, weight 1), to show where the time goes,
+and the mixture once more with flowjax's own autoregressive inverse (one network pass per
+dimension) in place of `flashbayes.sbi._maf_sampling`.
 Nothing else should run on the machine. Writes benchmarks/results/npe_sampling.json and .md.
 """
 
@@ -61,6 +63,11 @@ def main() -> None:
         row = {"task": name, "dim_theta": task.dim_theta, "members": est.config["members"],
                "weights": est.config["weights"]}
         row["mixture_s"], row["mixture_p90_s"] = time_draws(est.posterior(x))
+        # side by side: the same estimator with flowjax's own autoregressive inverse
+        # (one network pass per dimension) instead of the one-pass-per-layer sampler
+        layout, est._maf_layout = est._maf_layout, None
+        row["mixture_flowjax_s"], _ = time_draws(est.posterior(x))
+        est._maf_layout = layout
         for head in ("nsf", "maf"):
             one = single_head(est, head)
             if one is not None:
@@ -70,8 +77,9 @@ def main() -> None:
     lines = ["# Drawing 10,000 samples from the default NPE estimator", "",
              f"{args.budget} simulations per task, observation 1; median of 20 calls after a "
              f"compiling one; {os.cpu_count()} CPU cores, nothing else running.", "",
-             "| task | dim θ | networks kept | mixture ms (p90) | one NSF ms | one MAF ms |",
-             "|---|---|---|---|---|---|"]
+             "| task | dim θ | networks kept | mixture ms (p90) | mixture, flowjax's MAF inverse "
+             "ms | one NSF ms | one MAF ms |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         kept = bench._kept(r)
 
@@ -79,7 +87,8 @@ def main() -> None:
             return "—" if key not in r else f"{1000 * r[key]:.1f}"
 
         lines.append(f"| {r['task']} | {r['dim_theta']} | {kept} | {ms('mixture_s')} "
-                     f"({ms('mixture_p90_s')}) | {ms('one_nsf_s')} | {ms('one_maf_s')} |")
+                     f"({ms('mixture_p90_s')}) | {ms('mixture_flowjax_s')} | {ms('one_nsf_s')} | "
+                     f"{ms('one_maf_s')} |")
     from _docs import save
 
     table = "\n".join(lines) + "\n"

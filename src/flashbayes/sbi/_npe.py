@@ -43,6 +43,7 @@ import optax
 
 from flashbayes.distributions import GMM
 from flashbayes.sbi._embedding import EMBEDDINGS, make_embedding
+from flashbayes.sbi._maf_sampling import MAFLayout, maf_layout, sample_maf
 
 __all__ = ["NPEEstimator", "NPEEvent", "NPEPosterior", "load_npe", "train_npe"]
 
@@ -191,10 +192,12 @@ class _Net(eqx.Module):
             return self.head(context).log_prob(z)
         return self.head.log_prob(z, condition=context)
 
-    def sample(self, key, n: int, xz):
+    def sample(self, key, n: int, xz, layout: MAFLayout | None = None):
         context = self.embedding(xz)
         if self.kind == "gmm":
             return self.head(context).sample(key, n)
+        if self.kind == "maf" and layout is not None:
+            return sample_maf(self.head, layout, key, n, context)
         return self.head.sample(key, (n,), condition=context)
 
 
@@ -233,7 +236,7 @@ class _Ensemble(eqx.Module):
                                for g in self.groups])
         return jax.scipy.special.logsumexp(lps + jnp.log(jnp.asarray(self.weights)))
 
-    def sample(self, key, n: int, xz):
+    def sample(self, key, n: int, xz, layout: MAFLayout | None = None):
         w = np.asarray(self.weights, np.float64)
         k_u, k_perm, *keys = jax.random.split(key, 2 + len(self.groups))
         cum = n * np.cumsum(w)
@@ -253,7 +256,7 @@ class _Ensemble(eqx.Module):
                 for m in range(size):
                     net = jax.tree_util.tree_map(
                         lambda a, m=m: a[m] if eqx.is_array(a) else a, g)
-                    draws.append(net.sample(member_keys[m], caps[m], xz))
+                    draws.append(net.sample(member_keys[m], caps[m], xz, layout))
                     keep.append(jnp.arange(caps[m]) < counts_g[m])
             else:  # dispatch-bound: one vectorised call at the largest share
                 cap = max(caps)
@@ -349,12 +352,20 @@ def _build_net(config: dict, *, key) -> _Net:
     return _Net(embedding, net_head, head)
 
 
+def _maf_layout_of(net: _Net | _Ensemble) -> MAFLayout | None:
+    """The layout shared by the masked autoregressive flows in `net` (None: sample them with
+    flowjax's own one-pass-per-dimension inverse)."""
+    mafs = [g.head for g in getattr(net, "groups", (net,)) if g.kind == "maf"]
+    layouts = {maf_layout(m) for m in mafs}
+    return layouts.pop() if len(layouts) == 1 else None
+
+
 # -- the posterior --------------------------------------------------------------------------------
 
 
 @eqx.filter_jit
-def _sample_theta(net, stats, transform, key, xz, n):
-    z = net.sample(key, n, xz)
+def _sample_theta(net, stats, transform, key, xz, n, layout):
+    z = net.sample(key, n, xz, layout)
     return transform(stats["theta_mean"] + stats["theta_std"] * z)
 
 
@@ -379,7 +390,8 @@ class NPEPosterior:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: expected a positive integer; got {n!r}")
         est = self._est
-        return _sample_theta(est.net, est.stats, est._transform, key, self._xz, int(n))
+        return _sample_theta(est.net, est.stats, est._transform, key, self._xz, int(n),
+                             est._maf_layout)
 
     def log_prob(self, theta: Any) -> jax.Array:
         """log q(theta | x_obs) for theta (..., dim theta); -inf outside the prior's support."""
@@ -496,6 +508,7 @@ class NPEEstimator:
         self.config = config
         self.history = history or []
         self._transform = _Transform(config["support"])
+        self._maf_layout = _maf_layout_of(net)
 
     @property
     def dim_theta(self) -> int:
