@@ -53,8 +53,10 @@ def test_layout_refuses_flows_it_does_not_understand():
     flow = _maf(4, 3, 12, 2)
     assert maf_layout(flow) is not None
     # a weight where the rank masks forbid one: the sampler would ignore it, so no layout
-    mlp_path = (lambda f: f.bijection.bijection.bijection.bijections[0]
-                .masked_autoregressive_mlp.layers[1].weight)
+    def mlp_path(f):
+        made = f.bijection.bijection.bijection.bijections[0]
+        return made.masked_autoregressive_mlp.layers[1].weight
+
     unwrapped = paramax.unwrap(flow)
     weight = mlp_path(unwrapped)
     forbidden = np.argwhere(np.asarray(weight[0]) == 0)[0]

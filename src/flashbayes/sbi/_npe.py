@@ -221,10 +221,11 @@ def _stack(nets: list[_Net]) -> _Net:
 class _Ensemble(eqx.Module):
     """A mixture of networks q(z | x) = sum_m w_m q_m(z | x), the weights fixed after training.
 
-    Members of one head are stacked (``groups``, one per head, arrays with a leading member axis)
-    and evaluated with one vectorised call. ``sample`` draws the members' counts by systematic
-    resampling (each within one of n w_m, their expectation exactly n w_m) and returns the draws
-    in random order, so every draw is marginally a draw of the mixture.
+    Members of one head are stacked (``groups``, one per head, arrays with a leading member axis);
+    ``log_prob`` evaluates them with one vectorised call. ``sample`` draws the members' counts by
+    systematic resampling (each within one of n w_m, their expectation exactly n w_m), lets each
+    member draw its own share and returns the draws in random order, so every draw is marginally
+    a draw of the mixture.
     """
 
     groups: tuple
@@ -249,21 +250,12 @@ class _Ensemble(eqx.Module):
             caps = [min(n, int(np.floor(n * w[start + m])) + 1) for m in range(size)]
             counts_g = counts[start:start + size]
             member_keys = jax.random.split(k, size)
-            if g.kind == "maf":
-                # compute-bound (one pass per dimension): each member draws its own share
-                # (measured: 10,000 draws from five 10-D MAFs vectorised at the largest share
-                # took 83 ms, one MAF alone 55 ms)
-                for m in range(size):
-                    net = jax.tree_util.tree_map(
-                        lambda a, m=m: a[m] if eqx.is_array(a) else a, g)
-                    draws.append(net.sample(member_keys[m], caps[m], xz, layout))
-                    keep.append(jnp.arange(caps[m]) < counts_g[m])
-            else:  # dispatch-bound: one vectorised call at the largest share
-                cap = max(caps)
-                d = eqx.filter_vmap(lambda net, kk, cap=cap: net.sample(kk, cap, xz))(
-                    g, member_keys)
-                draws.append(d.reshape(size * cap, -1))
-                keep.append((jnp.arange(cap)[None, :] < counts_g[:, None]).ravel())
+            # each member draws its own share (measured: 26-38 ms for 10,000 draws where one
+            # vectorised call at the largest share took 43-52 ms, one core)
+            for m in range(size):
+                net = jax.tree_util.tree_map(lambda a, m=m: a[m] if eqx.is_array(a) else a, g)
+                draws.append(net.sample(member_keys[m], caps[m], xz, layout))
+                keep.append(jnp.arange(caps[m]) < counts_g[m])
             start += size
         draws, keep = jnp.concatenate(draws), jnp.concatenate(keep)
         chosen = draws[jnp.argsort(~keep, stable=True)[:n]]
