@@ -76,7 +76,7 @@ def main() -> None:
         print(row, flush=True)
     lines = ["# Drawing 10,000 samples from the default NPE estimator", "",
              f"{args.budget} simulations per task, observation 1; median of 20 calls after a "
-             f"compiling one; {os.cpu_count()} CPU cores, nothing else running.", "",
+             f"compiling one; {len(os.sched_getaffinity(0))} CPU core(s) given to the process.", "",
              "| task | dim θ | networks kept | mixture ms (p90) | mixture, flowjax's MAF inverse "
              "ms | one NSF ms | one MAF ms |",
              "|---|---|---|---|---|---|---|"]

@@ -30,9 +30,12 @@ def _perturbed(flow, seed=1, scale=0.5):
     return eqx.combine(jax.tree_util.tree_unflatten(tree, leaves), static)
 
 
+SLOW = pytest.mark.slow  # the default tier is kept under 15 minutes
+
+
 @pytest.mark.parametrize("dim,cond_dim,width,depth,spline", [
-    (4, 3, 12, 2, False), (5, 2, 7, 1, False), (3, 4, 9, 3, False), (2, 1, 6, 2, False),
-    (4, 3, 10, 2, True)])
+    (4, 3, 12, 2, False), (5, 2, 7, 1, False), (2, 1, 6, 2, False),
+    pytest.param(3, 4, 9, 3, False, marks=SLOW), pytest.param(4, 3, 10, 2, True, marks=SLOW)])
 def test_same_draws_as_flowjax(dim, cond_dim, width, depth, spline):
     transformer = RationalQuadraticSpline(knots=4, interval=4.0) if spline else None
     flow = _perturbed(_maf(dim, cond_dim, width, depth, transformer))
