@@ -54,7 +54,8 @@ SECTIONS = [
      "convergence, 5 folds) and by the quick classifier; run on one core beside other jobs; "
      "see docs/sbi.md."),
     ("npe_sampling.md", "NPE: drawing 10,000 samples",
-     "From `python benchmarks/npe_sampling.py --tasks gaussian_linear bernoulli_glm` "
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/npe_sampling.py --tasks "
+     "gaussian_linear gaussian_linear_uniform gaussian_mixture bernoulli_glm slcp sir` "
      "(`benchmarks/results/npe_sampling.json`); see docs/sbi.md."),
     ("sbibm_1e4_mix.md", "NPE on sbibm at 10^4 simulations (quick C2ST, before the flat map)",
      "From `python benchmarks/sbibm.py --budgets 10000 --c2st-early-stopping --name "
