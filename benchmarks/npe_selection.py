@@ -48,7 +48,12 @@ VARIANTS = [
      "interval_width": 4.0},
     {"label": "maf_lr2_flat4", "head": "maf", "lr_reductions": 2, "interval_map": "flat",
      "interval_width": 4.0},
+    # counts (sir): the data through a variance-stabilising transform before z-scoring
+    {"label": "nsf_lr2_sqrt", "head": "nsf", "lr_reductions": 2, "x_transform": "sqrt"},
+    {"label": "maf_lr2_sqrt", "head": "maf", "lr_reductions": 2, "x_transform": "sqrt"},
+    {"label": "nsf_lr2_log1p", "head": "nsf", "lr_reductions": 2, "x_transform": "log1p"},
 ]
+X_TRANSFORMS = {"identity": lambda x: x, "sqrt": np.sqrt, "log1p": np.log1p}
 
 
 def pair_log_q(est, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -110,13 +115,14 @@ def main() -> None:
             out.write(json.dumps(rec) + "\n")
         for v in [v for v in VARIANTS if v["label"] in args.variants]:
             t0, lps, epochs = time.time(), [], []
+            tx = X_TRANSFORMS[v.get("x_transform", "identity")]
             for m in range(v.get("members", 1)):
-                est = sbi.train_npe(prior, (np.asarray(train[0]), np.asarray(train[1])),
+                est = sbi.train_npe(prior, (np.asarray(train[0]), tx(np.asarray(train[1]))),
                                     key=jax.random.key(100 + m), head=v["head"], ensemble=1,
                                     lr_reductions=v["lr_reductions"],
                                     interval_map=v.get("interval_map", "logit"),
                                     interval_width=v.get("interval_width", 8.0))
-                lps.append(pair_log_q(est, theta_t, x_t))
+                lps.append(pair_log_q(est, theta_t, tx(x_t)))
                 epochs.append(est.config["epochs"])
             lps = np.stack(lps)
             member_lps[v["label"]] = lps
