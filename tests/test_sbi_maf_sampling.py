@@ -35,6 +35,7 @@ SLOW = pytest.mark.slow  # the default tier is kept under 15 minutes
 
 @pytest.mark.parametrize("dim,cond_dim,width,depth,spline", [
     (4, 3, 12, 2, False), (5, 2, 7, 1, False), (2, 1, 6, 2, False),
+    (5, 2, 3, 2, False),  # fewer hidden units than dimensions: some ranks have none
     pytest.param(3, 4, 9, 3, False, marks=SLOW), pytest.param(4, 3, 10, 2, True, marks=SLOW)])
 def test_same_draws_as_flowjax(dim, cond_dim, width, depth, spline):
     transformer = RationalQuadraticSpline(knots=4, interval=4.0) if spline else None
@@ -65,18 +66,42 @@ def test_layout_refuses_flows_it_does_not_understand():
     forbidden = np.argwhere(np.asarray(weight[0]) == 0)[0]
     broken = eqx.tree_at(mlp_path, unwrapped, weight.at[0, forbidden[0], forbidden[1]].set(0.3))
     assert maf_layout(broken) is None
-    # other flows: a coupling flow, an unconditional MAF
+    # a final activation the sampler would not apply
+    tanh_out = eqx.tree_at(lambda f: f.bijection.bijection.bijection.bijections[0]
+                           .masked_autoregressive_mlp.final_activation, flow, jnp.tanh)
+    assert maf_layout(tanh_out) is None
+    # other flows: a coupling flow, an unconditional MAF, one without hidden layers, one
+    # dimension (no permutation), a MAF built for fast sampling already
     coupling = ff.coupling_flow(jax.random.key(0), base_dist=fd.Normal(jnp.zeros(4)), cond_dim=3)
     assert maf_layout(coupling) is None
     assert maf_layout(ff.masked_autoregressive_flow(
         jax.random.key(0), base_dist=fd.Normal(jnp.zeros(4)))) is None
+    assert maf_layout(_maf(3, 2, 8, 0)) is None
+    assert maf_layout(_maf(1, 2, 8, 2)) is None
+    assert maf_layout(ff.masked_autoregressive_flow(
+        jax.random.key(0), base_dist=fd.Normal(jnp.zeros(4)), cond_dim=3, invert=False)) is None
 
 
-def test_npe_posterior_samples_with_it():
+@pytest.mark.slow  # the default tier is kept under 15 minutes
+def test_high_dimensions_scan_over_layers(monkeypatch):
+    from flashbayes.sbi import _maf_sampling
+
+    monkeypatch.setattr(_maf_sampling, "UNROLL_MAX_DIM", 3)
+    flow = _perturbed(_maf(5, 2, 10, 2))
+    cond, key = jnp.array([0.3, -1.0]), jax.random.key(7)
+    ours = np.asarray(sample_maf(flow, maf_layout(flow), key, 300, cond))
+    np.testing.assert_allclose(ours, np.asarray(flow.sample(key, (300,), condition=cond)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_npe_posterior_samples_with_it(tmp_path):
     task = sbi.tasks.get("gaussian_linear")
-    est = sbi.train_npe(task.prior(), task.simulator, 300, key=jax.random.key(5), head="maf",
-                        hidden=16, flow_layers=2, ensemble=1, lr_reductions=0, max_epochs=2)
+    # two MAFs and a spline flow: the MAFs are stacked members of one group
+    est = sbi.train_npe(task.prior(), task.simulator, 300, key=jax.random.key(5),
+                        head="nsf+maf", hidden=16, flow_layers=2, knots=4, ensemble=2,
+                        lr_reductions=0, max_epochs=2)
     assert est._maf_layout is not None
+    assert sbi.load_npe(est.save(tmp_path / "est"))._maf_layout == est._maf_layout
     post = est.posterior(np.zeros(10))
     fast = np.asarray(post.sample(jax.random.key(6), 1000))
     est._maf_layout = None  # flowjax's own inverse
