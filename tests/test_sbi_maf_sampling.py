@@ -107,3 +107,29 @@ def test_npe_posterior_samples_with_it(tmp_path):
     est._maf_layout = None  # flowjax's own inverse
     slow = np.asarray(est.posterior(np.zeros(10)).sample(jax.random.key(6), 1000))
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # the default tier is kept under 15 minutes
+def test_the_cli_keeps_the_compiled_sampler_on_disk(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    task = sbi.tasks.get("gaussian_linear")
+    est = sbi.train_npe(task.prior(), task.simulator, 200, key=jax.random.key(8), head="maf",
+                        ensemble=1, lr_reductions=0, max_epochs=1)
+    est.save(tmp_path / "est")
+    obs = tmp_path / "obs.csv"
+    obs.write_text(",".join(f"data_{i + 1}" for i in range(10)) + "\n" + ",".join(["0.1"] * 10))
+    cache = tmp_path / "cache"
+
+    def sample(env_cache):
+        env = {**os.environ, "FLASHBAYES_CACHE_DIR": env_cache}
+        subprocess.run([sys.executable, "-m", "flashbayes", "sbi", "sample", str(tmp_path / "est"),
+                        "--observation", str(obs), "--n", "100", "--out",
+                        str(tmp_path / "s.csv")], env=env, check=True, capture_output=True)
+
+    sample("off")
+    assert not cache.exists()
+    sample(str(cache))  # the sampler compiles in more than the cache's 0.5 s threshold
+    assert any(cache.rglob("*"))

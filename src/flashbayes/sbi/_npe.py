@@ -355,6 +355,20 @@ def _maf_layout_of(net: _Net | _Ensemble) -> MAFLayout | None:
 # -- the posterior --------------------------------------------------------------------------------
 
 
+_DISK_CACHE: list = []
+
+
+def _disk_cache_once() -> None:
+    """Compiled samplers are kept on disk between processes (the reference engines' cache,
+    `flashbayes.reference.set_compilation_cache`): compiling the default ten-network sampler
+    takes 20-35 s in 10-D, loading it a fraction of that."""
+    if not _DISK_CACHE:
+        from flashbayes.reference._cache import ensure_compilation_cache
+
+        ensure_compilation_cache()
+        _DISK_CACHE.append(True)
+
+
 @eqx.filter_jit
 def _sample_theta(net, stats, transform, key, xz, n, layout):
     z = net.sample(key, n, xz, layout)
@@ -382,6 +396,7 @@ class NPEPosterior:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: expected a positive integer; got {n!r}")
         est = self._est
+        _disk_cache_once()
         return _sample_theta(est.net, est.stats, est._transform, key, self._xz, int(n),
                              est._maf_layout)
 
