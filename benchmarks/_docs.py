@@ -53,6 +53,11 @@ SECTIONS = [
      "observation's draws scored by the published protocol (classifier trained to "
      "convergence, 5 folds) and by the quick classifier; run on one core beside other jobs; "
      "see docs/sbi.md."),
+    ("sbibm_1e3_flat_full.md", "NPE on sbibm at 10^3 simulations (published C2ST protocol)",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c 1 python benchmarks/sbibm.py --budgets 1000 --name "
+     "sbibm_1e3_flat_full` (`benchmarks/results/sbibm_1e3_flat_full.json`): as at 10^4; run on "
+     "one core beside other jobs, before each network drew its own share (the sampling times "
+     "are from then); see docs/sbi.md."),
     ("npe_sampling.md", "NPE: drawing 10,000 samples",
      "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/npe_sampling.py --tasks "
      "gaussian_linear gaussian_linear_uniform gaussian_mixture bernoulli_glm slcp sir` "
