@@ -54,13 +54,19 @@ def compilation_cache_dir() -> Path | None:
     return _state["dir"]
 
 
-def ensure_compilation_cache() -> None:
+def ensure_disk_cache() -> None:
     """Switch the cache on at the default folder unless the user already chose one."""
-    from flashbayes._runtime import limit_blas_threads
-
-    limit_blas_threads()
     if not _state["configured"]:
         try:
             set_compilation_cache(_default_dir())
         except OSError:  # an unwritable home: run without the disk cache
             set_compilation_cache(None)
+
+
+def ensure_compilation_cache() -> None:
+    """`ensure_disk_cache`, and NumPy's BLAS on one thread (`limit_blas_threads`): what the
+    reference engines do before each run."""
+    from flashbayes._runtime import limit_blas_threads
+
+    limit_blas_threads()
+    ensure_disk_cache()

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -355,20 +356,6 @@ def _maf_layout_of(net: _Net | _Ensemble) -> MAFLayout | None:
 # -- the posterior --------------------------------------------------------------------------------
 
 
-_DISK_CACHE: list = []
-
-
-def _disk_cache_once() -> None:
-    """Compiled samplers are kept on disk between processes (the reference engines' cache,
-    `flashbayes.reference.set_compilation_cache`): compiling the default ten-network sampler
-    takes 20-35 s in 10-D, loading it a fraction of that."""
-    if not _DISK_CACHE:
-        from flashbayes.reference._cache import ensure_compilation_cache
-
-        ensure_compilation_cache()
-        _DISK_CACHE.append(True)
-
-
 @eqx.filter_jit
 def _sample_theta(net, stats, transform, key, xz, n, layout):
     z = net.sample(key, n, xz, layout)
@@ -395,8 +382,13 @@ class NPEPosterior:
         """n draws (n, dim theta), all inside the prior's support, in one compiled call."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n: expected a positive integer; got {n!r}")
+        from flashbayes.reference._cache import ensure_disk_cache
+
+        # compiled samplers are kept on disk between processes (the reference engines' cache,
+        # `flashbayes.reference.set_compilation_cache`): compiling the default ten-network
+        # sampler takes 20-35 s in 10-D, loading it a fraction of that
+        ensure_disk_cache()
         est = self._est
-        _disk_cache_once()
         return _sample_theta(est.net, est.stats, est._transform, key, self._xz, int(n),
                              est._maf_layout)
 
@@ -515,7 +507,11 @@ class NPEEstimator:
         self.config = config
         self.history = history or []
         self._transform = _Transform(config["support"])
-        self._maf_layout = _maf_layout_of(net)
+
+    @functools.cached_property
+    def _maf_layout(self) -> MAFLayout | None:
+        # on the first draw, not per estimator: training builds one for every checkpoint
+        return _maf_layout_of(self.net)
 
     @property
     def dim_theta(self) -> int:
