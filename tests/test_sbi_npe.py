@@ -134,7 +134,7 @@ def test_early_stopping_stops_and_keeps_the_best_weights():
     assert est.config["best_val_loss"] == pytest.approx(val.min())
 
 
-@pytest.mark.parametrize("head", ["gmm", "nsf", "maf"])
+@pytest.mark.parametrize("head", ["gmm", pytest.param("nsf", marks=pytest.mark.slow), "maf"])
 def test_save_load_round_trip(tmp_path, head):
     prior, simulator = _linear_task()
     est = sbi.train_npe(prior, simulator, 200, key=jax.random.key(7), head=head, max_epochs=2,

@@ -40,6 +40,7 @@ def test_same_key_same_model(tiny_cfg):
     assert any(not np.array_equal(x, y) for x, y in zip(_params(a), _params(c)))
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_resume_equals_uninterrupted_run(tmp_path):
     cfg = fb.TrainConfig(steps=6, batch_size=8, d_model=16, n_layers=1, n_heads=2,
                          checkpoint_every=3, log_every=1, warmup_steps=2)
@@ -150,6 +151,7 @@ def test_nan_steps_leave_weights_exactly_as_initialised():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # the default tier is kept under 15 minutes
 def test_nan_guard_skips_bad_steps_without_corrupting_weights():
     cfg = fb.TrainConfig(steps=30, batch_size=8, d_model=16, n_layers=1, n_heads=2,
                          max_bad_steps=30, log_every=1)
