@@ -144,12 +144,20 @@ def sample_cmd(
         observation: Annotated[Path, typer.Option(help="CSV: optional header, one row")],
         out: Annotated[Path, typer.Option(help="CSV of draws (header: parameter names)")],
         n: Annotated[int, typer.Option("--n", help="number of draws")] = 10_000,
-        seed: Annotated[int, typer.Option(help="PRNG seed")] = 0):
-    """Draw N posterior samples for one observation into a CSV."""
+        seed: Annotated[int, typer.Option(help="PRNG seed")] = 0,
+        prior: Annotated[Path | None, typer.Option(
+            help="prior as GMM JSON (weights, means, scale_tril), for a prior-swap model "
+                 "(`flashbayes train sbi_TASK`), which takes the prior as input")] = None):
+    """Draw N posterior samples for one observation into a CSV.
+
+    ESTIMATOR is an NPE estimator (`flashbayes sbi train`), whose prior is the task's, or a
+    prior-swap Distribution Transformer (`flashbayes train sbi_TASK`), which needs --prior.
+    """
     import jax
     import numpy as np
 
     from flashbayes.amortized import CheckpointError
+    from flashbayes.amortized._checkpoint import checkpoint_file, read_header
     from flashbayes.sbi import load_npe
 
     if not estimator.exists():
@@ -157,6 +165,16 @@ def sample_cmd(
                      f"{estimator} (no such path)")
     if n < 1:
         raise _Usage(f"--n: expected a positive integer; got {n}")
+    try:
+        kind = read_header(checkpoint_file(estimator)).get("kind")
+    except CheckpointError:
+        kind = None  # let load_npe name what is wrong
+    if kind == "distribution_transformer":
+        return _sample_swap_model(estimator, observation, out, n, seed, prior)
+    if prior is not None:
+        raise _Usage("--prior: an NPE estimator keeps the prior it was trained under; re-weight "
+                     "its posterior with fb.sbi.prior_swap in Python, or train a prior-swap "
+                     "model (`flashbayes train sbi_TASK`) that takes the prior as input")
     try:
         est = load_npe(estimator)
     except CheckpointError as exc:
@@ -169,3 +187,36 @@ def sample_cmd(
     np.savetxt(out, draws, delimiter=",", header=",".join(est.parameter_names), comments="",
                fmt="%.9g")
     console.print(f"{n} draws written to {out}", highlight=False)
+
+
+def _sample_swap_model(path: Path, observation: Path, out: Path, n: int, seed: int,
+                       prior_path: Path | None) -> None:
+    """`sbi sample` for a Distribution Transformer: one forward pass from (prior, x)."""
+    import jax
+    import numpy as np
+
+    import flashbayes as fb
+    from flashbayes.amortized import CheckpointError
+    from flashbayes.cli import UsageError, _read_prior
+
+    try:
+        model = fb.load(path)
+    except CheckpointError as exc:
+        raise _Usage(str(exc)) from None
+    task = model.task
+    if prior_path is None:
+        raise _Usage(f"--prior: expected a prior GMM JSON file; this model ({task.name}) takes "
+                     "the prior as an input")
+    try:
+        gmm = _read_prior(prior_path, task.theta_dim)
+    except UsageError as exc:
+        raise _Usage(str(exc)) from None
+    x_obs = _read_observation(observation, task.data_dim)
+    post = model.posterior(gmm, x_obs[None])
+    draws = np.asarray(post.sample(jax.random.key(seed), n), np.float64)
+    sbi_task = getattr(task, "sbi_task", None)
+    names = (sbi_task.parameter_names if sbi_task is not None else
+             tuple(f"theta_{i + 1}" for i in range(task.theta_dim)))
+    np.savetxt(out, draws, delimiter=",", header=",".join(names), comments="", fmt="%.9g")
+    console.print(f"{n} draws written to {out} ({task.name}, a {gmm.n_components}-component "
+                  "prior)", highlight=False)

@@ -13,6 +13,7 @@ from flashbayes.tasks import (  # noqa: F401
     _logistic,
     _nonlinear,
     _qubit,
+    _simulator,
     _tracking,
     _variance,
 )
