@@ -152,3 +152,19 @@ def test_sbi_sample_of_a_swap_model_refuses_bad_input(tiny_model, tmp_path, case
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_linear_swap_model_is_translation_equivariant(tiny_model):
+    """Moving prior and x by c moves the posterior by c (the model centres its input)."""
+    model = fb.load(tiny_model)
+    assert model.task.translation_equivariant
+    assert not fb.tasks.get("sbi_slcp").translation_equivariant
+    p = model.task.sample_problem(jax.random.key(4), n=1)
+    c = np.linspace(-0.5, 0.5, 10)
+    moved = fb.GMM(weights=p.prior.weights, means=np.asarray(p.prior.means) + c,
+                   scale_tril=p.prior.scale_tril)
+    a = model.posterior(p.prior, p.data)
+    b = model.posterior(moved, p.data + c)
+    np.testing.assert_allclose(np.asarray(b.means), np.asarray(a.means) + c, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(b.scale_tril), np.asarray(a.scale_tril), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.weights), np.asarray(a.weights), atol=1e-5)

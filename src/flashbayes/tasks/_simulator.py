@@ -16,7 +16,8 @@ sbibm, by default); 5 % of training problems hold none.
 
 For the linear-Gaussian simulators (`sbi_gaussian_linear`, `sbi_gaussian_linear_uniform`:
 x = theta + N(0, 0.1 I)) the posterior under a GMM prior is a GMM in closed form
-(`exact_posterior`); for the others the task's likelihood gives a NUTS reference.
+(`exact_posterior`), and the model is translation equivariant: it centres the prior and shifts x
+to match before the network runs. For the others the task's likelihood gives a NUTS reference.
 """
 
 from __future__ import annotations
@@ -84,9 +85,22 @@ class SimulatorTask(Task):
             mean_low=self.mean_range[0], mean_high=self.mean_range[1],
             scale_low=self.scale_range[0], scale_high=self.scale_range[1])
         loc, sd = jnp.asarray(self.loc, jnp.float32), jnp.asarray(self.sd, jnp.float32)
-        means = jnp.where(cmask[:, None], loc + sd * m, 0.0)
+        means = loc + sd * m
+        if self.translation_equivariant:  # zero mean: see `translation_equivariant`
+            means = means - jnp.sum(w[:, None] * means, 0)
+        means = jnp.where(cmask[:, None], means, 0.0)
         tril = jnp.where(cmask[:, None, None], sd[:, None] * s, jnp.eye(self.theta_dim))
         return w, means, tril, cmask, None
+
+    @property
+    def translation_equivariant(self) -> bool:
+        """x = theta + noise: shifting theta by c shifts x by c, so the model centres each prior
+        (and shifts x to match) before the network runs, and trains on centred priors only."""
+        return self.sbi_name in _LINEAR
+
+    def data_offset(self, theta_shift):
+        """The shift of x that matches a shift of theta (the linear simulators only)."""
+        return theta_shift
 
     def _sample_n(self, key):
         k_e, k_n = jax.random.split(key)
