@@ -46,6 +46,13 @@ def test_train_tiny(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "ckpt_00000002.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_train_resumes_and_reads_a_config_file(tmp_path):
+    res = _run("train", "gmm_linear", "--out", tmp_path / "run", "--steps", 3, "--batch-size",
+               4, "--d-model", 16, "--n-layers", 1, "--checkpoint-every", 2)
+    assert res.exit_code == 0, res.output
     # an interrupted run (only the step-2 checkpoint survives) resumes to the same model
     cut = tmp_path / "cut"
     cut.mkdir()
