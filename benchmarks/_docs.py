@@ -62,6 +62,14 @@ SECTIONS = [
      "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/npe_sampling.py --tasks "
      "gaussian_linear gaussian_linear_uniform gaussian_mixture bernoulli_glm slcp sir` "
      "(`benchmarks/results/npe_sampling.json`); see docs/sbi.md."),
+    ("sbi_prior_swap.md", "SBI prior swap: the Distribution Transformer against importance "
+     "re-weighting",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/sbi_prior_swap.py --model "
+     "runs/sbi_gl_eq/model.safetensors --npe EST --problems 100 --c2st-problems 30` "
+     "(`benchmarks/results/sbi_prior_swap.json`): the shipped `sbi_gaussian_linear` model "
+     "against the default NPE estimator at 10^4 re-weighted by `fb.sbi.prior_swap`, both "
+     "against the exact posterior; one core, with a training run on the other; see "
+     "docs/sbi.md."),
     ("sbibm_1e4_mix.md", "NPE on sbibm at 10^4 simulations (quick C2ST, before the flat map)",
      "From `python benchmarks/sbibm.py --budgets 10000 --c2st-early-stopping --name "
      "sbibm_1e4_mix` (`benchmarks/results/sbibm_1e4_mix.json`), box priors under the logit "

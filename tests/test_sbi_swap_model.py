@@ -168,3 +168,19 @@ def test_linear_swap_model_is_translation_equivariant(tiny_model):
     np.testing.assert_allclose(np.asarray(b.means), np.asarray(a.means) + c, atol=1e-4)
     np.testing.assert_allclose(np.asarray(b.scale_tril), np.asarray(a.scale_tril), atol=1e-5)
     np.testing.assert_allclose(np.asarray(b.weights), np.asarray(a.weights), atol=1e-5)
+
+
+def test_sbi_sample_runs_the_shipped_swap_model_by_name(tmp_path):
+    obs = _write(tmp_path / "obs.csv", ",".join(["0.1"] * 10))
+    prior = fb.GMM(weights=[1.0], means=[np.full(10, 0.3)], scale_tril=[0.2 * np.eye(10)])
+    prior_file = _write(tmp_path / "prior.json", prior.to_json())
+    out = tmp_path / "s.csv"
+    res = runner.invoke(app, ["sbi", "sample", "sbi_gaussian_linear", "--observation", str(obs),
+                              "--prior", str(prior_file), "--n", "4000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    draws = np.loadtxt(out, delimiter=",", skiprows=1)
+    # near the exact posterior mean (x / 0.1 + m / 0.04) / (1 / 0.1 + 1 / 0.04) = 0.243
+    assert np.abs(draws.mean(0) - (0.1 / 0.1 + 0.3 / 0.04) / (1 / 0.1 + 1 / 0.04)).max() < 0.05
+    res = runner.invoke(app, ["sbi", "sample", "sbi_slcp", "--observation", str(obs),
+                              "--prior", str(prior_file), "--out", str(out)])
+    assert res.exit_code == 2 and "no shipped model" in res.output

@@ -151,15 +151,25 @@ def sample_cmd(
     """Draw N posterior samples for one observation into a CSV.
 
     ESTIMATOR is an NPE estimator (`flashbayes sbi train`), whose prior is the task's, or a
-    prior-swap Distribution Transformer (`flashbayes train sbi_TASK`), which needs --prior.
+    prior-swap Distribution Transformer (`flashbayes train sbi_TASK`, or the shipped
+    `sbi_gaussian_linear`), which needs --prior.
     """
     import jax
     import numpy as np
 
     from flashbayes.amortized import CheckpointError
     from flashbayes.amortized._checkpoint import checkpoint_file, read_header
+    from flashbayes.amortized._model import pretrained_path
     from flashbayes.sbi import load_npe
+    from flashbayes.tasks._simulator import SIMULATOR_TASKS
 
+    shipped = {f"sbi_{name}" for name in SIMULATOR_TASKS}
+    if not estimator.exists() and str(estimator) in shipped:
+        try:
+            estimator = pretrained_path(str(estimator))
+        except ValueError as exc:
+            raise _Usage(f"estimator: no shipped model {str(estimator)!r}; train one with "
+                         f"`flashbayes train {estimator} --out DIR`") from exc
     if not estimator.exists():
         raise _Usage(f"estimator: expected a folder or file from `flashbayes sbi train`; got "
                      f"{estimator} (no such path)")
