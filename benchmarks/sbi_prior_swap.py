@@ -1,25 +1,29 @@
 """Prior swap for simulation-based inference: the Distribution Transformer route against importance
-re-weighting of an NPE posterior, on gaussian_linear, where the answer is exact for any GMM prior.
+re-weighting of an NPE posterior, on the sbibm simulators whose posterior under any GMM prior is
+exact: gaussian_linear and gaussian_mixture.
 
 Usage:
     python benchmarks/sbi_prior_swap.py --model CHECKPOINT [--npe ESTIMATOR] [--problems 100]
+        [--name sbi_prior_swap]
 
-Held-out problems (seed 20261206, never used in training): a prior from the family of
-`sbi_gaussian_linear` (1-5 components, docs/sbi.md), theta from it, x = theta + N(0, 0.1 I),
-all moved by a random shift of up to 1.5 prior sd per coordinate.
+Held-out problems (seed 20261206, never used in training): a prior from the family of the
+model's task (`sbi_gaussian_linear` or `sbi_gaussian_mixture`: 1-5 components, docs/tasks.md),
+theta from it, x from the simulator. For the translation-equivariant gaussian_linear, whose
+training priors are centred, each problem is moved by a random shift of up to 1.5 prior sd per
+coordinate.
 
 - DT: `model.posterior(prior, x)`, one forward pass; KL(exact || DT) by Monte Carlo with 4,000
   exact draws.
-- Importance: the default NPE estimator (trained at 10^4 under sbibm's prior N(0, 0.1 I); with
-  `--npe`, the one saved there) re-weighted to the new prior with 20,000 draws
-  (`fb.sbi.prior_swap`); refused when its PSIS k-hat is above 0.7.
+- Importance: the default NPE estimator (trained at 10^4 under the sbibm prior; with `--npe`,
+  the one saved there) re-weighted to the new prior with 20,000 draws (`fb.sbi.prior_swap`);
+  refused when its PSIS k-hat is above 0.7.
 - No swap: the NPE posterior as it is (the answer under the wrong prior).
 
 Each gets a quick C2ST (early stopping) of 2,000 draws against 2,000 exact draws on the first
 `--c2st-problems` problems, and the error of its posterior mean in units of the exact posterior
-standard deviation (the largest over the 10 coordinates). On sbibm's own prior (a 1-component
-GMM) and observations 1-5, the DT's draws get the quick C2ST against the reference samples.
-Writes benchmarks/results/sbi_prior_swap.json and .md.
+standard deviation (the largest over the coordinates). For gaussian_linear, on sbibm's own prior
+(a 1-component GMM) and observations 1-5, the DT's draws get the quick C2ST against the
+reference samples. Writes benchmarks/results/NAME.json and .md.
 """
 
 from __future__ import annotations
@@ -63,12 +67,12 @@ def kl_exact_to(q: fb.GMM, exact: fb.GMM, key, n: int = 4000) -> float:
                          - np.asarray(q.log_prob(z), np.float64)))
 
 
-def load_or_train_npe(path):
-    task = fb.sbi.tasks.get("gaussian_linear")
+def load_or_train_npe(path, name):
+    task = fb.sbi.tasks.get(name)
     if path:
         return fb.sbi.load_npe(path)
     return fb.sbi.train_npe(task.prior(), task.simulator, 10_000,
-                            key=jax.random.key(bench.training_seed("gaussian_linear", 10_000)))
+                            key=jax.random.key(bench.training_seed(name, 10_000)))
 
 
 def main() -> None:
@@ -81,16 +85,19 @@ def main() -> None:
     args = ap.parse_args()
     model = fb.load(args.model)
     task = model.task
-    if task.name != "sbi_gaussian_linear":
-        raise SystemExit(f"--model: expected a model of sbi_gaussian_linear; got {task.name}")
-    sbi_task = fb.sbi.tasks.get("gaussian_linear")
-    est = load_or_train_npe(args.npe)
+    if not getattr(task, "has_exact", False) or not task.name.startswith("sbi_"):
+        raise SystemExit(f"--model: expected a prior-swap model of a task with a closed-form "
+                         f"posterior (sbi_gaussian_linear, sbi_gaussian_mixture); got {task.name}")
+    sbi_task = task.sbi_task
+    est = load_or_train_npe(args.npe, sbi_task.name)
     old_prior = sbi_task.prior()
     rows = []
     key = jax.random.key(SEED)
     for i in range(args.problems):
         kp, kq, kk, ks, kc = jax.random.split(jax.random.fold_in(key, i), 5)
-        p = shifted(task.sample_problem(kp, n=1), task, jax.random.fold_in(kp, 1))
+        p = task.sample_problem(kp, n=1)
+        if task.translation_equivariant:
+            p = shifted(p, task, jax.random.fold_in(kp, 1))
         exact = task.exact_posterior(p.prior, p.data)
         t0 = time.perf_counter()
         q = model.posterior(p.prior, p.data)
@@ -115,7 +122,12 @@ def main() -> None:
         rows.append(row)
         print(i, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
               flush=True)
-    # sbibm's own prior and observations
+    # sbibm's own prior and observations (where that prior is a Gaussian)
+    shared = [] if sbi_task.name != "gaussian_linear" else shared_observations(model, est)
+    write(rows, shared, args, sbi_task.name)
+
+
+def shared_observations(model, est):
     prior0 = fb.GMM(weights=[1.0], means=[np.zeros(10)], scale_tril=[np.sqrt(0.1) * np.eye(10)])
     shared = []
     for k in range(1, 6):
@@ -128,7 +140,7 @@ def main() -> None:
                        "c2st_dt": c2st(ref, draws, early_stopping=True),
                        "c2st_npe": c2st(ref, npe_draws, early_stopping=True)})
         print(shared[-1], flush=True)
-    write(rows, shared, args)
+    return shared
 
 
 def _m(rows, key, sel=None):
@@ -136,7 +148,7 @@ def _m(rows, key, sel=None):
     return (float(np.mean(v)), float(np.median(v)), len(v)) if v else (float("nan"),) * 2 + (0,)
 
 
-def write(rows, shared, args) -> None:
+def write(rows, shared, args, name) -> None:
     passed = [r for r in rows if r["is_passed"]]
     summary = {
         "problems": len(rows), "seed": SEED, "model": os.path.basename(os.path.normpath(
@@ -146,15 +158,16 @@ def write(rows, shared, args) -> None:
         "is_accepted_fraction": len(passed) / len(rows),
         "dt_ms_median": 1e3 * float(np.median([r["seconds_dt"] for r in rows])),
         "is_ms_median": 1e3 * float(np.median([r["seconds_is"] for r in rows])),
-        "shared_c2st_dt_mean": float(np.mean([s["c2st_dt"] for s in shared])),
-        "shared_c2st_npe_mean": float(np.mean([s["c2st_npe"] for s in shared])),
     }
+    if shared:
+        summary["shared_c2st_dt_mean"] = float(np.mean([s["c2st_dt"] for s in shared]))
+        summary["shared_c2st_npe_mean"] = float(np.mean([s["c2st_npe"] for s in shared]))
     lines = [
-        "# Prior swap for SBI: gaussian_linear under new GMM priors", "",
+        f"# Prior swap for SBI: {name} under new GMM priors", "",
         f"{len(rows)} held-out problems (seed {SEED}); priors from the family of "
-        "`sbi_gaussian_linear`. Importance re-weighting of the NPE posterior is accepted on "
+        f"`sbi_{name}`. Importance re-weighting of the NPE posterior is accepted on "
         f"{len(passed)} of {len(rows)} (PSIS k-hat <= 0.7). Means over problems (median in "
-        "brackets); mean error: largest |mean - exact mean| / exact sd over the 10 coordinates.",
+        "brackets); mean error: largest |mean - exact mean| / exact sd over the coordinates.",
         "",
         "| method | KL(exact ‖ q) | mean error | quick C2ST vs exact | ms per posterior |",
         "|---|---|---|---|---|",
@@ -179,13 +192,14 @@ def write(rows, shared, args) -> None:
     lines.append(f"| NPE posterior, not swapped | – | {cell('mean_err_noswap')} | "
                  f"{cell('c2st_noswap')} | |")
     lines.append(f"| the new prior itself | {cell('kl_prior')} | | | |")
-    lines += ["", "sbibm's prior N(0, 0.1 I) as a 1-component GMM, observations 1-5, quick C2ST "
-              "against the reference samples (10,000 draws):", "",
-              "| observation | DT | NPE (10^4, default) |", "|---|---|---|"]
-    lines += [f"| {s['observation']} | {s['c2st_dt']:.3f} | {s['c2st_npe']:.3f} |"
-              for s in shared]
-    lines.append(f"| mean | {summary['shared_c2st_dt_mean']:.3f} | "
-                 f"{summary['shared_c2st_npe_mean']:.3f} |")
+    if shared:
+        lines += ["", "sbibm's prior N(0, 0.1 I) as a 1-component GMM, observations 1-5, quick "
+                  "C2ST against the reference samples (10,000 draws):", "",
+                  "| observation | DT | NPE (10^4, default) |", "|---|---|---|"]
+        lines += [f"| {s['observation']} | {s['c2st_dt']:.3f} | {s['c2st_npe']:.3f} |"
+                  for s in shared]
+        lines.append(f"| mean | {summary['shared_c2st_dt_mean']:.3f} | "
+                     f"{summary['shared_c2st_npe_mean']:.3f} |")
     from _docs import save
 
     save(args.name, {"summary": summary, "rows": rows, "shared": shared}, "\n".join(lines) + "\n")

@@ -184,3 +184,36 @@ def test_sbi_sample_runs_the_shipped_swap_model_by_name(tmp_path):
     res = runner.invoke(app, ["sbi", "sample", "sbi_slcp", "--observation", str(obs),
                               "--prior", str(prior_file), "--out", str(out)])
     assert res.exit_code == 2 and "no shipped model" in res.output
+
+
+def _grid_moments(task, prior, x, half_width=12.0, m=600):
+    """Grid posterior (probabilities, points), its mean and sd, from the task's likelihood."""
+    g = np.linspace(-half_width, half_width, m)
+    pts = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    lp = np.asarray(prior.log_prob(pts), np.float64) + np.asarray(
+        jax.vmap(lambda t: task.log_likelihood(t, jnp.asarray(x)))(jnp.asarray(pts)), np.float64)
+    p = np.exp(lp - lp.max())
+    p /= p.sum()
+    mean = p @ pts
+    return p, pts, mean, np.sqrt(p @ (pts - mean) ** 2)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_gaussian_mixture_exact_posterior_matches_a_grid_and_a_wrong_one_does_not(wrong):
+    """Two simulations: each prior component splits in two per simulation."""
+    task = fb.tasks.get("sbi_gaussian_mixture", n_max=2)
+    prior = fb.GMM(weights=[0.4, 0.6], means=[[-2.0, 1.0], [2.5, -1.0]],
+                   scale_tril=[[[1.5, 0.0], [0.4, 1.0]], [[2.0, 0.0], [0.0, 1.2]]])
+    x = np.array([[1.8, -0.7], [2.4, -1.3]])
+    post = task.exact_posterior(prior, x)
+    assert post.n_components == 8
+    if wrong:  # one noise scale only: the N(0, I) half of the mixture
+        post = fb.tasks.gaussian_sum_update(prior, np.eye(2), np.eye(2), x)
+    p, pts, mean, sd = _grid_moments(task, prior, x)
+    q = np.exp(np.asarray(post.log_prob(pts), np.float64))
+    tv = 0.5 * np.abs(q / q.sum() - p).sum()  # total variation on the grid
+    if wrong:
+        assert tv > 0.1, tv
+    else:
+        assert tv < 0.01, tv
+        assert np.max(np.abs(np.asarray(post.mean()) - mean) / sd) < 0.01

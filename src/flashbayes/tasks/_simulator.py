@@ -15,9 +15,11 @@ deviation. A data set holds n = 1..n_max independent simulations at the same the
 sbibm, by default); 5 % of training problems hold none.
 
 For the linear-Gaussian simulators (`sbi_gaussian_linear`, `sbi_gaussian_linear_uniform`:
-x = theta + N(0, 0.1 I)) the posterior under a GMM prior is a GMM in closed form
-(`exact_posterior`), and the model is translation equivariant: it centres the prior and shifts x
-to match before the network runs. For the others the task's likelihood gives a NUTS reference.
+x = theta + N(0, 0.1 I)) and for `sbi_gaussian_mixture` (x = theta plus an equal mixture of
+N(0, I) and N(0, 0.01 I)) the posterior under a GMM prior is a GMM in closed form
+(`exact_posterior`). For the linear ones the model is also translation equivariant: it centres
+the prior and shifts x to match before the network runs. For slcp and bernoulli_glm the task's
+likelihood gives a NUTS reference.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class SimulatorTask(Task):
         prior = self.sbi_task.prior()
         self.loc = np.asarray(prior.mean, np.float64)
         self.sd = np.sqrt(np.asarray(prior.variance, np.float64))
-        self.has_exact = self.sbi_name in _LINEAR
+        self.has_exact = self.sbi_name in (*_LINEAR, "gaussian_mixture")
 
     def _sample_prior(self, key, state):
         w, m, s, cmask = sample_gmm_family(
@@ -118,10 +120,13 @@ class SimulatorTask(Task):
         return jnp.sum(ll)
 
     def exact_posterior(self, prior: GMM, data: Any) -> GMM:
-        """The closed-form GMM posterior, for the linear-Gaussian simulators."""
+        """The closed-form GMM posterior: for the linear-Gaussian simulators, a Gaussian-sum
+        update (as many components as the prior); for gaussian_mixture, whose noise is an equal
+        mixture of N(0, I) and N(0, 0.01 I), every prior component splits in two per
+        simulation (2^n K components for n simulations)."""
         if not self.has_exact:
             return super().exact_posterior(prior, data)
-        from flashbayes.sbi._tasks import _GL_VAR
+        from flashbayes.sbi._tasks import _GL_VAR, _GM_SCALES
         from flashbayes.tasks._linear import gaussian_sum_update
 
         if not isinstance(prior, GMM):
@@ -130,7 +135,32 @@ class SimulatorTask(Task):
             raise ValueError(f"prior: expected dimension {self.theta_dim}; got {prior.dim}")
         x = self.validate_data(data)
         d = self.theta_dim
-        return gaussian_sum_update(prior, np.eye(d), _GL_VAR * np.eye(d), x)
+        if self.sbi_name in _LINEAR:
+            return gaussian_sum_update(prior, np.eye(d), _GL_VAR * np.eye(d), x)
+        logw = np.log(np.maximum(np.asarray(prior.weights, np.float64), 1e-300))
+        m = np.asarray(prior.means, np.float64)
+        ls = np.asarray(prior.scale_tril, np.float64)
+        cov = ls @ np.swapaxes(ls, -1, -2)
+        for row in x:
+            parts = [_noise_update(logw + np.log(0.5), m, cov, row, sd**2) for sd in _GM_SCALES]
+            logw, m, cov = (np.concatenate(a) for a in zip(*parts))
+        w = np.exp(logw - logw.max())
+        return GMM(weights=w / w.sum(), means=m, scale_tril=np.linalg.cholesky(cov))
+
+
+def _noise_update(logw, means, cov, x, var):
+    """Components (log weights, means, covariances) updated by one x = theta + N(0, var I):
+    the Kalman update of each, its weight times the evidence N(x; m, S + var I). Float64."""
+    d = means.shape[1]
+    c = cov + var * np.eye(d)
+    r = x - means
+    gain = np.swapaxes(np.linalg.solve(c, cov), -1, -2)  # S C^-1 (both symmetric)
+    new_m = means + np.einsum("kij,kj->ki", gain, r)
+    new_cov = cov - gain @ cov
+    new_cov = 0.5 * (new_cov + np.swapaxes(new_cov, -1, -2))
+    quad = np.einsum("ki,ki->k", r, np.linalg.solve(c, r[..., None])[..., 0])
+    log_ev = -0.5 * (quad + np.linalg.slogdet(c)[1] + d * np.log(2 * np.pi))
+    return logw + log_ev, new_m, new_cov
 
 
 def _register(sbi_name: str) -> None:
