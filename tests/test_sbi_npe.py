@@ -290,6 +290,21 @@ def test_prior_swap_refuses_a_prior_far_from_the_posterior():
     assert not kept.psis.passed and kept.psis.khat > kept.psis.threshold
 
 
+def test_prior_swap_refuses_a_prior_reaching_outside_the_old_support():
+    """Old prior U[-1, 1]^2, posterior inside it: a new prior centred on the box's edge has a
+    good k-hat on the draws it can see, but half its mass is where no draw can be."""
+    box = dist.Uniform(-jnp.ones(2), jnp.ones(2)).to_event(1)
+    post = _gauss([0.7, 0.0], 0.001)
+    edge = _gauss([1.0, 0.0], 0.3)
+    with pytest.raises(sbi.PriorSwapError, match="where the old prior is zero"):
+        sbi.prior_swap(post, box, edge, key=jax.random.key(0))
+    kept = sbi.prior_swap(post, box, edge, key=jax.random.key(0), check=False)
+    assert kept.psis.passed  # k-hat alone would have let it through
+    # a new prior inside the box passes both checks
+    inside = sbi.prior_swap(post, box, _gauss([0.4, 0.0], 0.02), key=jax.random.key(0))
+    assert inside.psis.passed
+
+
 def test_prior_swap_refuses_bad_input():
     post, old = _gauss([0.0, 0.0], 1.0), _gauss([0.0, 0.0], 1.0)
     key = jax.random.key(0)

@@ -38,6 +38,28 @@ def _log_density(prior: Any, theta: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
+#: largest share of the new prior's mass allowed outside the old prior's support
+MAX_OUTSIDE = 0.01
+
+
+def _mass_outside(old_prior: Any, new_prior: Any, key: Array, n: int) -> float:
+    """Share of n draws of the new prior where the old prior's density is zero (0.0 when the
+    new prior cannot be sampled)."""
+    from flashbayes.distributions import GMM
+
+    try:
+        if isinstance(new_prior, GMM):
+            draws = new_prior.sample(key, n)
+        else:
+            draws = new_prior.sample(key, (n,))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 0.0
+    draws = np.asarray(draws, np.float64)
+    if draws.ndim != 2:
+        return 0.0
+    return float(np.mean(~np.isfinite(_log_density(old_prior, draws, "old_prior"))))
+
+
 class SwappedPosterior:
     """Weighted draws of a posterior re-weighted to a new prior.
 
@@ -82,16 +104,19 @@ def prior_swap(posterior: Any, old_prior: Any, new_prior: Any, *, key: Array,
         new_prior: the prior to swap to (same kinds); it may be zero where the old one is not.
         key: PRNG key for the draws.
         n: draws of q to weight, at least 100.
-        check: refuse (raise `PriorSwapError`) when k-hat is above its threshold. With
-            `check=False` the result is returned anyway; its `psis.passed` is then False.
+        check: refuse (raise `PriorSwapError`) when k-hat is above its threshold, or when
+            more than 1 % of the new prior's mass lies where the old prior is zero (the old
+            posterior has no draws there, and k-hat cannot see that). With `check=False` the
+            result is returned anyway; its `psis.passed` is then False where k-hat failed.
 
     Returns:
         A `SwappedPosterior` (weighted draws; `sample`, `mean`, `cov`, `psis`).
 
     Raises:
         PriorSwapError: the weights are unreliable: the new prior puts its mass where the old
-            posterior has few draws. Train under the new prior (or a broader one) instead, or,
-            with a GMM prior, use the Distribution Transformer, whose prior is an input.
+            posterior has few draws, or outside the old prior's support. Train under the
+            new prior (or a broader one) instead, or, with a GMM prior, use the Distribution
+            Transformer, whose prior is an input.
 
     Example:
         >>> import jax, numpy as np
@@ -127,6 +152,15 @@ def prior_swap(posterior: Any, old_prior: Any, new_prior: Any, *, key: Array,
     if not np.any(np.isfinite(log_ratio)):
         raise PriorSwapError("new_prior: it is zero at every posterior draw; the posterior "
                              "under it cannot be reached by re-weighting")
+    outside = _mass_outside(old_prior, new_prior, jax.random.fold_in(key, 1), int(n))
+    if check and outside > MAX_OUTSIDE:
+        raise PriorSwapError(
+            f"prior swap: the new prior puts {outside:.1%} of its mass where the old prior is "
+            f"zero (at most {MAX_OUTSIDE:.0%} allowed). The posterior trained under the old "
+            "prior has no draws there, so re-weighting would cut the new posterior off at the "
+            "old prior's support, whatever k-hat says: train under a prior that covers the new "
+            "one, or use the Distribution Transformer, whose prior is an input; pass "
+            "check=False to get the weighted draws anyway")
     psis = psis_khat(log_ratio)
     if check and not psis.passed:
         raise PriorSwapError(
