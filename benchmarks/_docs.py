@@ -70,6 +70,12 @@ SECTIONS = [
      "against the default NPE estimator at 10^4 re-weighted by `fb.sbi.prior_swap`, both "
      "against the exact posterior; one core, with a training run on the other; see "
      "docs/sbi.md."),
+    ("sbi_prior_swap_gm.md", "SBI prior swap on gaussian_mixture (model not shipped)",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/sbi_prior_swap.py --model "
+     "runs/sbi_gm/model.safetensors --problems 100 --c2st-problems 30 --name "
+     "sbi_prior_swap_gm` after `flashbayes train sbi_gaussian_mixture --steps 8000 --out "
+     "runs/sbi_gm --seed 0` (`benchmarks/results/sbi_prior_swap_gm.json`); the NPE estimator "
+     "is the default one at 10^4, trained in the run; see docs/sbi.md."),
     ("sbibm_1e4_mix.md", "NPE on sbibm at 10^4 simulations (quick C2ST, before the flat map)",
      "From `python benchmarks/sbibm.py --budgets 10000 --c2st-early-stopping --name "
      "sbibm_1e4_mix` (`benchmarks/results/sbibm_1e4_mix.json`), box priors under the logit "
