@@ -96,3 +96,19 @@ def test_bad_observation_exit_2(trained, tmp_path, text, message):
     assert res.exit_code == 2
     assert message in " ".join(res.output.split())
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_prior_option_is_refused_for_an_npe_estimator(trained, tmp_path):
+    """An NPE estimator keeps its training prior: `--prior` names the routes that do swap."""
+    import flashbayes as fb
+
+    obs = tmp_path / "obs.csv"
+    obs.write_text("-9.47,-1.49\n")
+    prior = tmp_path / "prior.json"
+    prior.write_text(fb.GMM(weights=[1.0], means=[[0.0, 0.0]], scale_tril=[np.eye(2)]).to_json())
+    res = runner.invoke(app, ["sbi", "sample", str(trained), "--observation", str(obs),
+                              "--prior", str(prior), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "fb.sbi.prior_swap" in text and "flashbayes train sbi_TASK" in text
+    assert not (tmp_path / "s.csv").exists()
