@@ -152,8 +152,9 @@ def prior_swap(posterior: Any, old_prior: Any, new_prior: Any, *, key: Array,
     if not np.any(np.isfinite(log_ratio)):
         raise PriorSwapError("new_prior: it is zero at every posterior draw; the posterior "
                              "under it cannot be reached by re-weighting")
-    outside = _mass_outside(old_prior, new_prior, jax.random.fold_in(key, 1), int(n))
-    if check and outside > MAX_OUTSIDE:
+    outside = _mass_outside(old_prior, new_prior, jax.random.fold_in(key, 1), int(n)) \
+        if check else 0.0
+    if outside > MAX_OUTSIDE:
         raise PriorSwapError(
             f"prior swap: the new prior puts {outside:.1%} of its mass where the old prior is "
             f"zero (at most {MAX_OUTSIDE:.0%} allowed). The posterior trained under the old "
