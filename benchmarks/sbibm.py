@@ -4,14 +4,15 @@ Usage:
     python benchmarks/sbibm.py [--tasks gaussian_linear slcp] [--budgets 1000]
                                [--head nsf+maf] [--ensemble 5] [--observations 1 2 3 4 5]
                                [--max-epochs 1000]
-                               [--c2st-draws 10000] [--c2st-early-stopping]
+                               [--c2st-draws 10000] [--c2st-early-stopping] [--new 0]
                                [--name sbibm_smoke]
 
 The same run as `flashbayes bench sbibm` (see `flashbayes.benchmarks._sbibm_bench`): one
 single-round, amortized estimator per task and budget; for each observation 10,000 posterior
 draws against the 10,000 reference draws by C2ST (MLP with two hidden layers of 10 d, 5-fold;
 `--c2st-draws` uses fewer of each for a quick run). Also reported: training time, epochs and the
-time of one call drawing 10,000 samples (after a first, compiling call).
+time of one call drawing 10,000 samples (after a first, compiling call). `--new K` also scores
+each estimator on K observations of our own (quick C2ST against `task.reference_posterior`).
 Writes benchmarks/results/NAME.json and NAME.md; NAME.journal.jsonl lets a rerun continue.
 """
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--c2st-early-stopping", action="store_true",
                     help="stop each C2ST fit on a 10 %% validation split (much faster; not the "
                          "published protocol)")
+    ap.add_argument("--new", type=int, default=0,
+                    help="also score K observations of our own per task (quick C2ST)")
     ap.add_argument("--seed", type=int, default=bench.SEED)
     ap.add_argument("--name", default="sbibm")
     args = ap.parse_args()
@@ -46,7 +49,7 @@ def main() -> None:
     result = bench.run(args.tasks, args.budgets, head=args.head, ensemble=args.ensemble,
                        observations=args.observations,
                        max_epochs=args.max_epochs, c2st_draws=args.c2st_draws,
-                       early_stopping=args.c2st_early_stopping, seed=args.seed,
+                       early_stopping=args.c2st_early_stopping, seed=args.seed, new=args.new,
                        journal=RESULTS / f"{args.name}.journal.jsonl",
                        progress=lambda m: print(f"running {m}", flush=True))
     from _docs import save

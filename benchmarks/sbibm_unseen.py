@@ -29,7 +29,7 @@ from flashbayes.benchmarks import _sbibm_bench as bench
 from flashbayes.sbi._reference import reference_method
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OBS_SEED = 31415
+OBS_SEED = bench.OBS_SEED
 
 
 def main() -> None:
@@ -46,16 +46,12 @@ def main() -> None:
     rows = []
     for name in args.tasks:
         task = fb.sbi.tasks.get(name)
-        i = fb.sbi.tasks.names().index(name)
         seed = bench.training_seed(name, args.budget)
         t0 = time.perf_counter()
         est = fb.sbi.train_npe(task.prior(), task.simulator, args.budget,
                                key=jax.random.key(seed), parameter_names=list(task.parameter_names))
         train_s = time.perf_counter() - t0
-        k_theta, k_x = jax.random.split(jax.random.key(OBS_SEED + i))
-        thetas = task.prior().sample(k_theta, (args.new,))
-        new_x = [np.asarray(task.simulator(k, th))
-                 for k, th in zip(jax.random.split(k_x, args.new), thetas, strict=True)]
+        new_x = bench.new_observations(name, args.new)
         observations = [("shared", k, np.asarray(fb.sbi.tasks.load_observation(name, k)))
                         for k in range(1, 6)]
         observations += [("new", j + 1, x) for j, x in enumerate(new_x)]

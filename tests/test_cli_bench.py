@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from flashbayes._shared import SharedDataMissing, shared_benchmarks_dir
@@ -61,7 +62,7 @@ def sbibm_data():
 def _bench_sbibm(out, *extra):
     cmd = [sys.executable, "-m", "flashbayes", "bench", "sbibm", "--tasks", "gaussian_linear",
            "--budgets", "1000", "--observations", "1", "--max-epochs", "3", "--c2st-draws", "400",
-           "--c2st-early-stopping", "--out", str(out), *extra]
+           "--c2st-early-stopping", "--new", "2", "--out", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -75,7 +76,11 @@ def test_bench_sbibm_writes_table_beside_published_and_resumes(sbibm_data, tmp_p
     # the paper's NPE and SNPE on observation 1 at 10^3 simulations (main_paper.csv)
     assert row["published_npe"] == pytest.approx(0.707, abs=0.001)
     assert row["published_snpe"] is not None and 0.5 < row["published_snpe"] < 1.0
+    # two observations of our own, scored against the closed-form posterior
+    assert [o["observation"] for o in row["new_observations"]] == [1, 2]
+    assert 0.5 <= row["c2st_new_quick_mean"] <= 1.0
     assert "| gaussian_linear | 1000 |" in (tmp_path / "sbibm.md").read_text()
+    assert "new, quick C2ST" in (tmp_path / "sbibm.md").read_text()
     res = _bench_sbibm(tmp_path)  # the journal holds the pair: nothing is trained again
     assert res.returncode == 0 and "running gaussian_linear" not in res.stderr, res.stderr
 
@@ -83,6 +88,41 @@ def test_bench_sbibm_writes_table_beside_published_and_resumes(sbibm_data, tmp_p
 def test_bench_sbibm_refuses_bad_options(tmp_path):
     res = _bench_sbibm(tmp_path, "--tasks", "two_moons")
     assert res.returncode != 0 and "tasks: expected names from" in res.stderr + res.stdout
+    res = _bench_sbibm(tmp_path, "--new", "-1")
+    assert res.returncode != 0 and "new: expected 0..100" in res.stderr + res.stdout
     res = _bench_sbibm(tmp_path, "--budgets", "1e3")
     assert res.returncode != 0 and "--budgets: expected comma-separated integers" in (
         res.stderr + res.stdout)
+
+
+class _Exact:
+    """An 'estimator' whose posterior is gaussian_linear's closed form, moved by `shift`."""
+
+    def __init__(self, shift: float):
+        self.shift = shift
+
+    def posterior(self, x):
+        import flashbayes as fb
+
+        task, shift = fb.sbi.tasks.get("gaussian_linear"), self.shift
+
+        class _Post:
+            def sample(self, key, n):
+                return task.reference_posterior(key, x, n) + shift
+
+        return _Post()
+
+
+def test_new_observations_are_fixed_and_scored_against_the_reference():
+    """The observations of our own are the same in every run, and their score tells a right
+    posterior (C2ST near 0.5) from one moved by one posterior sd (near 1)."""
+    from flashbayes.benchmarks import _sbibm_bench as bench
+
+    a = bench.new_observations("gaussian_linear", 2)
+    b = bench.new_observations("gaussian_linear", 2)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True)) and a[0].shape == (10,)
+    assert not np.array_equal(a[0], a[1])
+    right = bench.score_new(_Exact(0.0), "gaussian_linear", 1, seed=3)
+    wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3)  # posterior sd 0.22
+    assert right[0]["c2st_quick"] < 0.56, right
+    assert wrong[0]["c2st_quick"] > 0.75, wrong

@@ -485,6 +485,9 @@ def bench_sbibm(
         c2st_early_stopping: Annotated[bool, typer.Option(
             help="stop each C2ST classifier on a validation split (fast; not the published "
                  "protocol)")] = False,
+        new: Annotated[int, typer.Option(
+            help="also score this many observations of our own per task (quick C2ST against "
+                 "the task's reference posterior)")] = 0,
         seed: Annotated[int, typer.Option(help="training seed of the first pair")] = 20261123,
         out: Annotated[Path, typer.Option(help="folder for sbibm.json and .md")] = Path(".")):
     """NPE on the sbibm tasks: C2ST against the reference posteriors beside published results.
@@ -515,7 +518,7 @@ def bench_sbibm(
         result = bench.run(chosen, ints(budgets, "budgets"), head=head, ensemble=ensemble,
                            observations=ints(observations, "observations"),
                            max_epochs=max_epochs, c2st_draws=c2st_draws,
-                           early_stopping=c2st_early_stopping, seed=seed,
+                           early_stopping=c2st_early_stopping, seed=seed, new=new,
                            journal=out / "sbibm.journal.jsonl",
                            progress=lambda m: err_console.print(f"running {m}"))
     except ValueError as exc:

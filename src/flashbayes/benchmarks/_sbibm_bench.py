@@ -7,6 +7,10 @@ z-scored on the reference, MLP with two hidden layers of 10 d, 5-fold cross-vali
 published columns are the means over the same observations of the paper's NPE and SNPE runs
 (`main_paper.csv`; for gaussian_mixture the authors' rerun with the fixed simulator). Finished
 (task, budget) pairs are appended to a journal, so an interrupted run continues where it stopped.
+
+With `new` > 0 each estimator is also scored on observations of our own (theta from the prior, x
+from the simulator, `new_observations`), against draws of `task.reference_posterior`, by the quick
+classifier (early stopping): the targets must hold on observations nobody tuned to.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import numpy as np
 
 SEED = 20261123
+OBS_SEED = 31415  # new observations of task i come from key(OBS_SEED + i)
 BUDGET_LABELS = {1000: "10³", 10_000: "10⁴", 100_000: "10⁵"}
 
 
@@ -53,9 +58,43 @@ def training_seed(task: str, budget: int, seed: int = SEED) -> int:
     return seed + 100 * sbi_tasks.names().index(task) + round(math.log10(budget))
 
 
+def new_observations(task_name: str, n: int) -> list[np.ndarray]:
+    """`n` observations of our own: theta from the task's prior, x from its simulator.
+
+    Drawn from key(OBS_SEED + i), i the task's place in the registry, so every benchmark that
+    asks for them scores the same observations.
+    """
+    from flashbayes.sbi import tasks as sbi_tasks
+
+    task = sbi_tasks.get(task_name)
+    k_theta, k_x = jax.random.split(jax.random.key(OBS_SEED + sbi_tasks.names().index(task_name)))
+    thetas = task.prior().sample(k_theta, (n,))
+    return [np.asarray(task.simulator(k, th))
+            for k, th in zip(jax.random.split(k_x, n), thetas, strict=True)]
+
+
+def score_new(est, task_name: str, n: int, seed: int) -> list[dict]:
+    """Quick C2ST of the estimator's draws against reference draws on `n` new observations."""
+    import flashbayes as fb
+
+    task = fb.sbi.tasks.get(task_name)
+    out = []
+    for j, x in enumerate(new_observations(task_name, n)):
+        k_ref, k_draw = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1001 + j))
+        t0 = time.perf_counter()
+        ref = np.asarray(task.reference_posterior(k_ref, x, 10_000))
+        reference_s = time.perf_counter() - t0
+        draws = np.asarray(est.posterior(x).sample(k_draw, 10_000))
+        out.append({"observation": j + 1, "x": x.tolist(), "reference_s": reference_s,
+                    "c2st_quick": fb.diagnostics.c2st(ref, draws, seed=1,
+                                                      early_stopping=True)})
+    return out
+
+
 def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
             observations: Sequence[int],
-            max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool) -> dict:
+            max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool,
+            new: int = 0) -> dict:
     """Train on `budget` simulations of one task and score every observation."""
     import flashbayes as fb
 
@@ -83,6 +122,13 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
             entry["c2st_quick"] = fb.diagnostics.c2st(ref[:c2st_draws], draws[:c2st_draws],
                                                       seed=1, early_stopping=True)
         per_obs.append(entry)
+    extra = {}
+    if new:
+        scored = score_new(est, task_name, new, seed)
+        quick = [o["c2st_quick"] for o in scored]
+        extra = {"new_observations": scored, "c2st_new_quick_mean": float(np.mean(quick)),
+                 "c2st_new_quick_se": (float(np.std(quick, ddof=1) / np.sqrt(len(quick)))
+                                       if len(quick) > 1 else None)}
     return {"task": task_name, "budget": int(budget), "head": head, "ensemble": ensemble,
             "train_s": train_s, "epochs": est.config["epochs"],
             "members": est.config.get("members", [head]),
@@ -94,18 +140,20 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
                                 if not early_stopping else None),
             "published_npe": published(task_name, budget, observations, "NPE"),
             "published_snpe": published(task_name, budget, observations, "SNPE"),
-            "observations": per_obs}
+            "observations": per_obs, **extra}
 
 
 def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
         ensemble: int = 5,
         observations: Sequence[int] = (1, 2, 3, 4, 5), max_epochs: int = 1000,
         c2st_draws: int = 10_000, early_stopping: bool = False, seed: int = SEED,
-        journal: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+        new: int = 0, journal: Path | None = None,
+        progress: Callable[[str], None] | None = None) -> dict:
     """Every (task, budget) pair; rows already in `journal` with the same options are reused.
 
     The training seed of a pair is `training_seed(task, budget, seed)`, so a rerun (or a run over
-    a subset of tasks) gives the same networks.
+    a subset of tasks) gives the same networks. `new` > 0 also scores that many observations
+    of our own per task (`score_new`).
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
@@ -117,10 +165,14 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
     bad_obs = [k for k in observations if not 1 <= int(k) <= 10]
     if bad_obs or not observations:
         raise ValueError(f"observations: expected numbers in 1..10; got {list(observations)}")
+    if not 0 <= int(new) <= 100:
+        raise ValueError(f"new: expected 0..100 observations of our own per task; got {new}")
     options = {"head": head, "ensemble": int(ensemble),
                "observations": [int(k) for k in observations],
                "max_epochs": int(max_epochs), "c2st_draws": int(c2st_draws),
                "early_stopping": bool(early_stopping), "seed": int(seed)}
+    if new:  # only then, so journals written before the option still match
+        options["new"] = int(new)
     done: dict[tuple[str, int], dict] = {}
     if journal is not None and journal.exists():
         for line in journal.read_text().splitlines():
@@ -142,7 +194,7 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
                           observations=options["observations"],
                           max_epochs=max_epochs, c2st_draws=c2st_draws,
                           seed=training_seed(name, int(budget), seed),
-                          early_stopping=early_stopping)
+                          early_stopping=early_stopping, new=int(new))
             rows.append(row)
             if journal is not None:
                 with open(journal, "a") as fh:
@@ -163,6 +215,7 @@ def markdown(result: dict) -> str:
     """The table of a `run` result, with the mean over tasks per budget."""
     opt = result["options"]
     quick = not opt["early_stopping"]  # a quick-score column beside the protocol's
+    new = int(opt.get("new", 0))  # a column for the observations of our own
     lines = ["# NPE on sbibm", "",
              f"Head `{opt['head']}` ({opt.get('ensemble', 1)} per head), observations "
              f"{opt['observations']}, C2ST on "
@@ -170,18 +223,30 @@ def markdown(result: dict) -> str:
              f"{' (classifier with early stopping)' if opt['early_stopping'] else ''}. "
              "Published: the paper's NPE and SNPE on the same observations."
              + (" Quick: the same draws scored by the classifier with early stopping."
-                if quick else ""), "",
+                if quick else "")
+             + (f" New: quick C2ST on {new} observations of our own per task (theta from the "
+                f"prior, x simulated, seed {OBS_SEED} + task index) against draws of "
+                "`task.reference_posterior`, mean ± standard error." if new else ""), "",
              "| task | simulations | C2ST (ours) | " + ("quick C2ST | " if quick else "")
+             + ("new, quick C2ST | " if new else "")
              + "published NPE | published SNPE | train s | networks kept | 10k draws ms |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if quick else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if quick else "")
+             + ("---|" if new else "")]
 
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
+
+    def fmt_new(r):
+        if r.get("c2st_new_quick_mean") is None:
+            return "—"
+        se = r.get("c2st_new_quick_se")
+        return f"{r['c2st_new_quick_mean']:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
     for r in result["rows"]:
         ms = 1000 * np.median([o["sample_10k_s"] for o in r["observations"]])
         lines.append(f"| {r['task']} | {r['budget']} | {r['c2st_mean']:.3f} | "
                      + (f"{fmt(r.get('c2st_quick_mean'))} | " if quick else "")
+                     + (f"{fmt_new(r)} | " if new else "")
                      + f"{fmt(r['published_npe'])} | {fmt(r.get('published_snpe'))} | "
                      f"{r['train_s']:.1f} | {_kept(r)} | {ms:.1f} |")
     budgets = sorted({r["budget"] for r in result["rows"]})
@@ -192,10 +257,13 @@ def markdown(result: dict) -> str:
             pub = [r["published_npe"] for r in rs]
             snpe = [r.get("published_snpe") for r in rs]
             qs = [r.get("c2st_quick_mean") for r in rs]
+            ns = [r.get("c2st_new_quick_mean") for r in rs]
             lines.append(f"| **mean of {len(rs)}** | {b} | "
                          f"{np.mean([r['c2st_mean'] for r in rs]):.3f} | "
                          + (f"{fmt(None if None in qs else float(np.mean(qs)))} | "
                             if quick else "")
+                         + (f"{fmt(None if None in ns else float(np.mean(ns)))} | "
+                            if new else "")
                          + f"{fmt(None if None in pub else float(np.mean(pub)))} | "
                          f"{fmt(None if None in snpe else float(np.mean(snpe)))} | | | |")
     return "\n".join(lines) + "\n"
