@@ -58,7 +58,8 @@ def main() -> None:
     for name in args.tasks:
         task = fb.sbi.tasks.get(name)
         est = fb.sbi.train_npe(task.prior(), task.simulator, args.budget,
-                               key=jax.random.key(bench.training_seed(name, args.budget)))
+                               key=jax.random.key(bench.training_seed(name, args.budget)),
+                               **task.npe_kwargs)
         x = fb.sbi.tasks.load_observation(name, 1)
         row = {"task": name, "dim_theta": task.dim_theta, "members": est.config["members"],
                "weights": est.config["weights"]}

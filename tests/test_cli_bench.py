@@ -126,3 +126,24 @@ def test_new_observations_are_fixed_and_scored_against_the_reference():
     wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3)  # posterior sd 0.22
     assert right[0]["c2st_quick"] < 0.56, right
     assert wrong[0]["c2st_quick"] > 0.75, wrong
+
+
+def test_journal_rows_reuse_only_rows_with_the_same_options_and_data_options(tmp_path):
+    """A journal row is reused only if its run options match and it was trained with the
+    task's current `npe_options` (slcp's set embedding came later: its older rows are stale)."""
+    from flashbayes.benchmarks import _sbibm_bench as bench
+
+    opts = {"head": "nsf+maf", "ensemble": 5, "seed": 1}
+    lines = [
+        {"options": opts, "row": {"task": "gaussian_linear", "budget": 1000, "c2st_mean": 0.6}},
+        {"options": opts, "row": {"task": "slcp", "budget": 1000, "c2st_mean": 0.9}},
+        {"options": opts, "row": {"task": "slcp", "budget": 10000, "c2st_mean": 0.8,
+                                  "npe_options": {"embedding": "set", "set_points": 4}}},
+        {"options": {**opts, "ensemble": 1},
+         "row": {"task": "gaussian_mixture", "budget": 1000, "c2st_mean": 0.7}},
+    ]
+    journal = tmp_path / "j.jsonl"
+    journal.write_text("\n".join(json.dumps(e) for e in lines) + '\n{"options": {"he')
+    done = bench.journal_rows(journal, opts)
+    assert sorted(done) == [("gaussian_linear", 1000), ("slcp", 10000)]
+    assert bench.journal_rows(tmp_path / "absent.jsonl", opts) == {}

@@ -128,7 +128,8 @@ def train_cmd(
         est = train_npe(t.prior(), source, budget, key=jax.random.key(seed), head=head,
                         ensemble=ensemble, interval_map=interval_map,
                         max_epochs=max_epochs, patience=patience,
-                        parameter_names=list(t.parameter_names), out_dir=out, callback=report)
+                        parameter_names=list(t.parameter_names), out_dir=out, callback=report,
+                        **t.npe_kwargs)
     epochs = est.config["epochs"]
     nets = len(epochs) if isinstance(epochs, list) else 1
     console.print(f"trained {head} NPE ({nets} network{'s' * (nets > 1)}) for {task} on "

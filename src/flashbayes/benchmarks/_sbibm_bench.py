@@ -102,7 +102,7 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
     t0 = time.perf_counter()
     est = fb.sbi.train_npe(task.prior(), task.simulator, budget, key=jax.random.key(seed),
                            head=head, ensemble=ensemble, max_epochs=max_epochs,
-                           parameter_names=list(task.parameter_names))
+                           parameter_names=list(task.parameter_names), **task.npe_kwargs)
     train_s = time.perf_counter() - t0
     per_obs = []
     for k in observations:
@@ -130,6 +130,7 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
                  "c2st_new_quick_se": (float(np.std(quick, ddof=1) / np.sqrt(len(quick)))
                                        if len(quick) > 1 else None)}
     return {"task": task_name, "budget": int(budget), "head": head, "ensemble": ensemble,
+            "npe_options": task.npe_kwargs,
             "train_s": train_s, "epochs": est.config["epochs"],
             "members": est.config.get("members", [head]),
             "weights": est.config.get("weights", [1.0]),
@@ -141,6 +142,30 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
             "published_npe": published(task_name, budget, observations, "NPE"),
             "published_snpe": published(task_name, budget, observations, "SNPE"),
             "observations": per_obs, **extra}
+
+
+def journal_rows(journal: Path, options: dict) -> dict[tuple[str, int], dict]:
+    """The finished (task, budget) rows of a journal that a run with `options` can reuse.
+
+    A row counts only if it was written with the same options and trained with the task's
+    current `npe_options` (so a task whose data options changed is trained again); of several,
+    the last one wins. Lines cut short by a crash are skipped.
+    """
+    from flashbayes.sbi import tasks as sbi_tasks
+
+    done: dict[tuple[str, int], dict] = {}
+    if not journal.exists():
+        return done
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        row = entry.get("row", {}) if isinstance(entry, dict) else {}
+        if (entry.get("options") == options and row.get("task") in sbi_tasks.names()
+                and row.get("npe_options", {}) == sbi_tasks.get(row["task"]).npe_kwargs):
+            done[(row["task"], row["budget"])] = row
+    return done
 
 
 def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
@@ -173,15 +198,7 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
                "early_stopping": bool(early_stopping), "seed": int(seed)}
     if new:  # only then, so journals written before the option still match
         options["new"] = int(new)
-    done: dict[tuple[str, int], dict] = {}
-    if journal is not None and journal.exists():
-        for line in journal.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if entry.get("options") == options:
-                done[(entry["row"]["task"], entry["row"]["budget"])] = entry["row"]
+    done = journal_rows(journal, options) if journal is not None else {}
     rows = []
     for name in tasks:
         for budget in budgets:

@@ -3,7 +3,9 @@
 * ``"identity"``: the observation flattened (vector data; the default).
 * ``"mlp"``: a multilayer perceptron on the flattened observation.
 * ``"set"``: an i.i.d. set of points (m, p) summarised by a DeepSets network (a network per
-  point, a mean over points, a network on the mean): invariant to the order of the points.
+  point, a mean over points, a network on the mean): invariant to the order of the points. A
+  flat observation (m p,) holding the points one after another is read as (m, p) when `points`
+  = m is given.
 * ``"series"``: a time series (T,) or (T, c) summarised by 1-D convolutions and a mean over time.
 
 Example:
@@ -46,13 +48,16 @@ class MLPEmbedding(eqx.Module):
 
 
 class SetEmbedding(eqx.Module):
-    """DeepSets: rho(mean_i phi(x_i)) for a set of points x (m, p)."""
+    """DeepSets: rho(mean_i phi(x_i)) for a set of points x (m, p), or (m p,) read as (m, p)."""
 
     phi: eqx.nn.MLP
     rho: eqx.nn.MLP
     out_dim: int = eqx.field(static=True)
+    points: int | None = eqx.field(static=True, default=None)
 
     def __call__(self, x):
+        if self.points is not None:
+            x = x.reshape(self.points, -1)
         return self.rho(jnp.mean(jax.vmap(self.phi)(x), axis=0))
 
 
@@ -71,7 +76,7 @@ class SeriesEmbedding(eqx.Module):
 
 
 def make_embedding(kind: str, x_shape: tuple[int, ...], *, key: jax.Array, dim: int = 32,
-                   width: int = 64) -> eqx.Module:
+                   width: int = 64, points: int | None = None) -> eqx.Module:
     """Build the embedding `kind` for observations of shape `x_shape`.
 
     Args:
@@ -80,22 +85,35 @@ def make_embedding(kind: str, x_shape: tuple[int, ...], *, key: jax.Array, dim: 
         key: PRNG key for the initial weights.
         dim: the summary size (not used by ``"identity"``).
         width: hidden width.
+        points: ``"set"`` only: the number of points in a flat observation (m p,).
     """
     x_shape = tuple(int(s) for s in x_shape)
     flat = math.prod(x_shape)
+    if points is not None and kind != "set":
+        raise ValueError(f"points: only the 'set' embedding reads a flat observation as points; "
+                         f"got embedding {kind!r}")
     if kind == "identity":
         return IdentityEmbedding(out_dim=flat)
     if kind == "mlp":
         return MLPEmbedding(eqx.nn.MLP(flat, dim, width, 2, activation=jax.nn.gelu, key=key),
                             out_dim=dim)
     if kind == "set":
-        if len(x_shape) != 2:
+        if points is not None:
+            if (isinstance(points, bool) or not isinstance(points, int) or points < 1
+                    or len(x_shape) != 1 or x_shape[0] % points):
+                raise ValueError(f"embedding 'set' with points={points!r}: expected flat "
+                                 f"observations whose length is a multiple of the number of "
+                                 f"points; got shape {x_shape}")
+            features = x_shape[0] // points
+        elif len(x_shape) != 2:
             raise ValueError(f"embedding 'set': expected observations of shape (points, "
-                             f"features); got shape {x_shape}")
+                             f"features), or flat ones with `points` given; got shape {x_shape}")
+        else:
+            features = x_shape[1]
         k1, k2 = jax.random.split(key)
-        return SetEmbedding(eqx.nn.MLP(x_shape[1], width, width, 2, activation=jax.nn.gelu, key=k1),
+        return SetEmbedding(eqx.nn.MLP(features, width, width, 2, activation=jax.nn.gelu, key=k1),
                             eqx.nn.MLP(width, dim, width, 1, activation=jax.nn.gelu, key=k2),
-                            out_dim=dim)
+                            out_dim=dim, points=points)
     if kind == "series":
         if len(x_shape) not in (1, 2):
             raise ValueError(f"embedding 'series': expected observations of shape (time,) or "

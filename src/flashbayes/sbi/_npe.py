@@ -328,7 +328,7 @@ def _build_net(config: dict, *, key) -> _Net:
 
     k_emb, k_head = jax.random.split(key)
     embedding = make_embedding(config["embedding"], tuple(config["x_shape"]), key=k_emb,
-                               dim=config["embedding_dim"])
+                               dim=config["embedding_dim"], points=config.get("set_points"))
     dim, head, width = config["dim_theta"], config["head"], config["hidden"]
     if head == "gmm":
         net_head = MixtureHead(embedding.out_dim, dim, config["n_components"], width, key=k_head)
@@ -621,8 +621,9 @@ def _z_stats(values: np.ndarray, axes: tuple[int, ...]):
 
 def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | None = None, *,
               key: jax.Array, head: str = "nsf+maf",
-              embedding: str = "identity", embedding_dim: int = 32, n_components: int = 10,
-              hidden: int = 50, flow_layers: int = 5, knots: int = 10,
+              embedding: str = "identity", embedding_dim: int = 32,
+              set_points: int | None = None, n_components: int = 10, hidden: int = 50,
+              flow_layers: int = 5, knots: int = 10,
               validation_fraction: float = 0.1, max_epochs: int = 1000, patience: int = 20,
               batch_size: int = 200, learning_rate: float = 5e-4, lr_reductions: int = 2,
               ensemble: int = 5, interval_map: str = "flat", interval_width: float = 8.0,
@@ -644,6 +645,9 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
             accurate than the flows at small budgets), or several joined by ``"+"``. The default
             ``"nsf+maf"`` trains `ensemble` networks of each and mixes them (see `ensemble`).
         embedding: ``"identity"``, ``"mlp"``, ``"set"`` or ``"series"`` (see `make_embedding`).
+        set_points: with ``embedding="set"`` and flat observations (m p,) that hold m i.i.d.
+            points one after another (as sbibm's slcp does), m: the points are z-scored with
+            shared statistics and summarised in any order.
         embedding_dim, n_components, hidden, flow_layers, knots: network sizes.
         validation_fraction: share of the simulations held out for early stopping.
         max_epochs, patience: stop after `max_epochs`, or after `patience` epochs without a
@@ -673,6 +677,8 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
                          f"'nsf+maf'); got {head!r}")
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding: expected one of {list(EMBEDDINGS)}; got {embedding!r}")
+    if set_points is not None and embedding != "set":
+        raise ValueError(f"set_points: only with embedding='set'; got embedding {embedding!r}")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction: expected a number in (0, 1); got "
                          f"{validation_fraction!r}")
@@ -708,8 +714,13 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     perm = np.asarray(jax.random.permutation(k_split, n))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     theta_mean, theta_std = _z_stats(u[train_idx], (0,))
-    x_axes = (0, 1) if embedding == "set" else (0,)
-    x_mean, x_std = _z_stats(x[train_idx], x_axes)
+    if set_points is not None:  # z-score the points with shared statistics, kept flat
+        make_embedding("set", tuple(x.shape[1:]), key=k_init, points=set_points)  # validates
+        pts = x[train_idx].reshape(len(train_idx), set_points, -1)
+        x_mean, x_std = (np.tile(v.reshape(-1), set_points) for v in _z_stats(pts, (0, 1)))
+    else:
+        x_axes = (0, 1) if embedding == "set" else (0,)
+        x_mean, x_std = _z_stats(x[train_idx], x_axes)
     stats = {"theta_mean": theta_mean, "theta_std": theta_std, "x_mean": x_mean, "x_std": x_std}
     z_all = (u - theta_mean) / theta_std
     xz_all = (x - x_mean) / x_std
@@ -718,6 +729,7 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     if len(names) != dim:
         raise ValueError(f"parameter_names: expected {dim} names; got {len(names)}")
     config = {"head": head, "embedding": embedding, "embedding_dim": embedding_dim,
+              **({"set_points": int(set_points)} if set_points is not None else {}),
               "n_components": n_components, "hidden": hidden, "flow_layers": flow_layers,
               "knots": knots, "dim_theta": dim, "x_shape": list(x.shape[1:]),
               "support": support, "parameter_names": names,

@@ -51,6 +51,10 @@ class SBITask:
             estimators can be checked on observations of our own.
         symmetry: ``symmetry(key, draws) -> draws`` maps draws to a random image under a
             symmetry of the posterior (for slcp the sign flips of theta_3 and theta_4), or None.
+        npe_options: keyword arguments of `flashbayes.sbi.train_npe` that fit the structure of
+            the task's data, as (name, value) pairs; the benchmarks and ``flashbayes sbi
+            train`` pass them. slcp's x is four i.i.d. 2-D points, so it goes through the
+            permutation-invariant set embedding (``embedding="set", set_points=4``).
     """
 
     name: str
@@ -63,6 +67,12 @@ class SBITask:
     budgets: tuple[int, ...]
     exact_posterior: Callable[[jax.Array, Any, int], np.ndarray] | None = None
     symmetry: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    npe_options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def npe_kwargs(self) -> dict[str, Any]:
+        """`npe_options` as a dict, for ``train_npe(..., **task.npe_kwargs)``."""
+        return dict(self.npe_options)
 
     def reference_posterior(self, key: jax.Array, x: Any, n: int) -> np.ndarray:
         """n draws (n, d) from p(theta | x) for any observation x: the closed form where there
@@ -303,7 +313,8 @@ _REGISTRY: dict[str, SBITask] = {
         SBITask("bernoulli_glm", 10, 10, _names(10), _glm_prior, _glm_simulator,
                 _glm_log_likelihood, (1000, 10_000, 100_000, 1_000_000)),
         SBITask("slcp", 5, 8, _names(5), _slcp_prior, _slcp_simulator, _slcp_log_likelihood,
-                (1000, 10_000, 100_000, 1_000_000), symmetry=_slcp_flip_signs),
+                (1000, 10_000, 100_000, 1_000_000), symmetry=_slcp_flip_signs,
+                npe_options=(("embedding", "set"), ("set_points", 4))),
         SBITask("sir", 2, 10, ("$\\beta$", "$\\gamma$"), _sir_prior, _sir_simulator,
                 _sir_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
     )
