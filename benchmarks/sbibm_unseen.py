@@ -12,7 +12,8 @@ gaussian_linear_uniform and gaussian_mixture; a refined grid for sir; NUTS for b
 and slcp), on the shared observations 1-5 and on `--new` observations of our own (theta drawn
 from the prior, x from the simulator, seed 31415 + task index). On the shared observations the
 reference draws are also scored against the shared reference draws ("reference check": near
-0.5 when both are right). Writes benchmarks/results/NAME.json and NAME.md.
+0.5 when both are right). Writes benchmarks/results/NAME.json and NAME.md (with `--merge`,
+keeping the rows of the other tasks).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=10_000)
     ap.add_argument("--new", type=int, default=5)
     ap.add_argument("--name", default="sbibm_unseen_1e4")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other tasks already in NAME.json (same budget and "
+                         "number of new observations) and replace those of --tasks")
     args = ap.parse_args()
     if args.new < 2:
         ap.error(f"--new: expected at least 2 new observations (for a standard error); got "
@@ -90,6 +94,17 @@ def main() -> None:
              "our reference draws against the shared ones over observations 1-5.", "",
              "| task | reference | reference check | C2ST shared 1-5 | C2ST new (± se) "
              "| published NPE, shared 1-5 |", "|---|---|---|---|---|---|"]
+    if args.merge and (RESULTS / f"{args.name}.json").exists():
+        import json
+
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        if old.get("new") != args.new or old.get("obs_seed") != OBS_SEED:
+            ap.error(f"--merge: {args.name}.json holds {old.get('new')} new observations from "
+                     f"seed {old.get('obs_seed')}; this run {args.new} from {OBS_SEED}")
+        fresh = {r["task"]: r for r in rows}
+        kept = {r["task"]: r for r in old["rows"]
+                if r["task"] not in fresh and r["budget"] == args.budget}
+        rows = [fresh.get(t) or kept[t] for t in names if t in fresh or t in kept]
     for r in rows:
         pub = "—" if r["published_npe"] is None else f"{r['published_npe']:.3f}"
         kind = reference_method(fb.sbi.tasks.get(r["task"]))
