@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/sbibm_unseen.py [--tasks gaussian_linear ...] [--budget 10000]
-                                      [--new 5] [--name sbibm_unseen_1e4]
+                                      [--new 5] [--name sbibm_unseen_1e4] [--merge]
 
 The sbibm targets must hold on observations the estimator was not tuned to. For each task this
 trains the default estimator with the seed `benchmarks/sbibm.py` uses for the same task and
