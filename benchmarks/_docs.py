@@ -100,6 +100,10 @@ SECTIONS = [
      "(`benchmarks/results/sbibm_unseen_1e4_flat.json`): "
      "the same estimators scored on the shared observations and on new ones, against "
      "`task.reference_posterior`; see docs/sbi.md."),
+    ("sbibm_unseen_1e3_flat.md", "NPE on observations of our own (10^3 simulations)",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/sbibm_unseen.py --budget 1000 "
+     "--name sbibm_unseen_1e3_flat` (`benchmarks/results/sbibm_unseen_1e3_flat.json`): as at "
+     "10^4, with the estimators of the 10^3 runs; see docs/sbi.md."),
     ("gp_eval_1000.md", "GP posterior predictives: 1,000 held-out data sets",
      "From `python benchmarks/gp_eval.py --methods oracle pfn dt --tasks-per-n 100` "
      "(`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT variant against the "
