@@ -122,8 +122,8 @@ def test_new_observations_are_fixed_and_scored_against_the_reference():
     b = bench.new_observations("gaussian_linear", 2)
     assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True)) and a[0].shape == (10,)
     assert not np.array_equal(a[0], a[1])
-    right = bench.score_new(_Exact(0.0), "gaussian_linear", 1, seed=3)
-    wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3)  # posterior sd 0.22
+    right = bench.score_new(_Exact(0.0), "gaussian_linear", 1, seed=3, draws=2000)
+    wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3, draws=2000)  # sd 0.22
     assert right[0]["c2st_quick"] < 0.56, right
     assert wrong[0]["c2st_quick"] > 0.75, wrong
 

@@ -73,8 +73,9 @@ def new_observations(task_name: str, n: int) -> list[np.ndarray]:
             for k, th in zip(jax.random.split(k_x, n), thetas, strict=True)]
 
 
-def score_new(est, task_name: str, n: int, seed: int) -> list[dict]:
-    """Quick C2ST of the estimator's draws against reference draws on `n` new observations."""
+def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000) -> list[dict]:
+    """Quick C2ST of `draws` of the estimator's draws against as many reference draws, on `n`
+    new observations."""
     import flashbayes as fb
 
     task = fb.sbi.tasks.get(task_name)
@@ -82,12 +83,11 @@ def score_new(est, task_name: str, n: int, seed: int) -> list[dict]:
     for j, x in enumerate(new_observations(task_name, n)):
         k_ref, k_draw = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1001 + j))
         t0 = time.perf_counter()
-        ref = np.asarray(task.reference_posterior(k_ref, x, 10_000))
+        ref = np.asarray(task.reference_posterior(k_ref, x, draws))
         reference_s = time.perf_counter() - t0
-        draws = np.asarray(est.posterior(x).sample(k_draw, 10_000))
+        ours = np.asarray(est.posterior(x).sample(k_draw, draws))
         out.append({"observation": j + 1, "x": x.tolist(), "reference_s": reference_s,
-                    "c2st_quick": fb.diagnostics.c2st(ref, draws, seed=1,
-                                                      early_stopping=True)})
+                    "c2st_quick": fb.diagnostics.c2st(ref, ours, seed=1, early_stopping=True)})
     return out
 
 
