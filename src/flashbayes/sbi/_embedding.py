@@ -75,6 +75,25 @@ class SeriesEmbedding(eqx.Module):
         return self.out(jnp.mean(h, axis=-1))
 
 
+def set_features(x_shape: tuple[int, ...], points: int | None) -> int:
+    """Coordinates per point of a set observation: (m, p), or flat (m p,) with `points` = m.
+
+    Raises:
+        ValueError: the shape does not hold whole points.
+    """
+    if points is not None:
+        if (isinstance(points, bool) or not isinstance(points, int) or points < 1
+                or len(x_shape) != 1 or x_shape[0] % points):
+            raise ValueError(f"embedding 'set' with points={points!r}: expected flat "
+                             f"observations whose length is a multiple of the number of "
+                             f"points; got shape {x_shape}")
+        return x_shape[0] // points
+    if len(x_shape) != 2:
+        raise ValueError(f"embedding 'set': expected observations of shape (points, "
+                         f"features), or flat ones with `points` given; got shape {x_shape}")
+    return x_shape[1]
+
+
 def make_embedding(kind: str, x_shape: tuple[int, ...], *, key: jax.Array, dim: int = 32,
                    width: int = 64, points: int | None = None) -> eqx.Module:
     """Build the embedding `kind` for observations of shape `x_shape`.
@@ -98,18 +117,7 @@ def make_embedding(kind: str, x_shape: tuple[int, ...], *, key: jax.Array, dim: 
         return MLPEmbedding(eqx.nn.MLP(flat, dim, width, 2, activation=jax.nn.gelu, key=key),
                             out_dim=dim)
     if kind == "set":
-        if points is not None:
-            if (isinstance(points, bool) or not isinstance(points, int) or points < 1
-                    or len(x_shape) != 1 or x_shape[0] % points):
-                raise ValueError(f"embedding 'set' with points={points!r}: expected flat "
-                                 f"observations whose length is a multiple of the number of "
-                                 f"points; got shape {x_shape}")
-            features = x_shape[0] // points
-        elif len(x_shape) != 2:
-            raise ValueError(f"embedding 'set': expected observations of shape (points, "
-                             f"features), or flat ones with `points` given; got shape {x_shape}")
-        else:
-            features = x_shape[1]
+        features = set_features(x_shape, points)
         k1, k2 = jax.random.split(key)
         return SetEmbedding(eqx.nn.MLP(features, width, width, 2, activation=jax.nn.gelu, key=k1),
                             eqx.nn.MLP(width, dim, width, 1, activation=jax.nn.gelu, key=k2),

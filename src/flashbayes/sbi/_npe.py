@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from flashbayes.distributions import GMM
-from flashbayes.sbi._embedding import EMBEDDINGS, make_embedding
+from flashbayes.sbi._embedding import EMBEDDINGS, make_embedding, set_features
 from flashbayes.sbi._maf_sampling import MAFLayout, maf_layout, sample_maf
 
 __all__ = ["NPEEstimator", "NPEEvent", "NPEPosterior", "load_npe", "train_npe"]
@@ -715,7 +715,7 @@ def train_npe(prior: Any, simulator_or_simulations: Any, num_simulations: int | 
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     theta_mean, theta_std = _z_stats(u[train_idx], (0,))
     if set_points is not None:  # z-score the points with shared statistics, kept flat
-        make_embedding("set", tuple(x.shape[1:]), key=k_init, points=set_points)  # validates
+        set_features(tuple(x.shape[1:]), set_points)  # refuses shapes without whole points
         pts = x[train_idx].reshape(len(train_idx), set_points, -1)
         x_mean, x_std = (np.tile(v.reshape(-1), set_points) for v in _z_stats(pts, (0, 1)))
     else:
