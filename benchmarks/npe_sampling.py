@@ -65,7 +65,7 @@ def main() -> None:
         t0 = time.perf_counter()
         est = fb.sbi.train_npe(task.prior(), task.simulator, args.budget,
                                key=jax.random.key(bench.training_seed(name, args.budget)),
-                               **task.npe_kwargs)
+                               **task.npe_settings())
         train_s = time.perf_counter() - t0
         x = fb.sbi.tasks.load_observation(name, 1)
         row = {"task": name, "dim_theta": task.dim_theta, "members": est.config["members"],

@@ -12,7 +12,8 @@ single-round, amortized estimator per task and budget; for each observation 10,0
 draws against the 10,000 reference draws by C2ST (MLP with two hidden layers of 10 d, 5-fold;
 `--c2st-draws` uses fewer of each for a quick run). Also reported: training time, epochs and the
 time of one call drawing 10,000 samples (after a first, compiling call). `--new K` also scores
-each estimator on K observations of our own (quick C2ST against `task.reference_posterior`).
+each estimator on K observations of our own (C2ST against `task.reference_posterior`, under the
+protocol unless --c2st-early-stopping, and quick).
 Writes benchmarks/results/NAME.json and NAME.md; NAME.journal.jsonl lets a rerun continue.
 """
 
@@ -31,8 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=fb.sbi.tasks.names())
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000])
-    ap.add_argument("--head", default="nsf+maf",
-                    help="nsf, maf, gmm or several joined by '+' (default nsf+maf)")
+    ap.add_argument("--head", default=None,
+                    help="nsf, maf, gmm or several joined by '+' (default: each task's own, "
+                         "nsf+maf but for slcp's nsf)")
     ap.add_argument("--ensemble", type=int, default=5, help="networks trained per head")
     ap.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--max-epochs", type=int, default=1000)
@@ -41,7 +43,8 @@ def main() -> None:
                     help="stop each C2ST fit on a 10 %% validation split (much faster; not the "
                          "published protocol)")
     ap.add_argument("--new", type=int, default=0,
-                    help="also score K observations of our own per task (quick C2ST)")
+                    help="also score K observations of our own per task (C2ST under the "
+                         "protocol, and quick)")
     ap.add_argument("--seed", type=int, default=bench.SEED)
     ap.add_argument("--name", default="sbibm")
     args = ap.parse_args()

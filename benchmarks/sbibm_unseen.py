@@ -54,7 +54,7 @@ def main() -> None:
         t0 = time.perf_counter()
         est = fb.sbi.train_npe(task.prior(), task.simulator, args.budget,
                                key=jax.random.key(seed), parameter_names=list(task.parameter_names),
-                               **task.npe_kwargs)
+                               **task.npe_settings())
         train_s = time.perf_counter() - t0
         new_x = bench.new_observations(name, args.new)
         observations = [("shared", k, np.asarray(fb.sbi.tasks.load_observation(name, k)))

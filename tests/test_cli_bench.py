@@ -126,24 +126,72 @@ def test_new_observations_are_fixed_and_scored_against_the_reference():
     wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3, draws=2000)  # sd 0.22
     assert right[0]["c2st_quick"] < 0.56, right
     assert wrong[0]["c2st_quick"] > 0.75, wrong
+    assert "c2st" not in right[0]  # the protocol's score only when asked for
+
+
+@pytest.mark.slow
+def test_new_observations_scored_under_the_protocol_tell_right_from_wrong():
+    from flashbayes.benchmarks import _sbibm_bench as bench
+
+    right = bench.score_new(_Exact(0.0), "gaussian_linear", 1, seed=3, draws=2000,
+                            protocol=True)
+    wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3, draws=2000,
+                            protocol=True)
+    assert right[0]["c2st"] < 0.56 and right[0]["c2st_quick"] < 0.56, right
+    assert wrong[0]["c2st"] > 0.75, wrong
 
 
 def test_journal_rows_reuse_only_rows_with_the_same_options_and_data_options(tmp_path):
     """A journal row is reused only if its run options match and it was trained with the
-    task's current `npe_options` (slcp's set embedding came later: its older rows are stale)."""
+    task's current `npe_options` and head (slcp's set embedding and spline-only head came
+    later: its older rows are stale)."""
     from flashbayes.benchmarks import _sbibm_bench as bench
 
-    opts = {"head": "nsf+maf", "ensemble": 5, "seed": 1}
+    opts = {"head": None, "ensemble": 5, "seed": 1}  # None: each task's own head
+    slcp_now = {"embedding": "set", "set_points": 4, "head": "nsf"}
     lines = [
-        {"options": opts, "row": {"task": "gaussian_linear", "budget": 1000, "c2st_mean": 0.6}},
-        {"options": opts, "row": {"task": "slcp", "budget": 1000, "c2st_mean": 0.9}},
+        {"options": opts, "row": {"task": "gaussian_linear", "budget": 1000, "c2st_mean": 0.6,
+                                  "head": "nsf+maf"}},
+        {"options": opts, "row": {"task": "slcp", "budget": 1000, "c2st_mean": 0.9,
+                                  "head": "nsf+maf"}},
         {"options": opts, "row": {"task": "slcp", "budget": 10000, "c2st_mean": 0.8,
+                                  "head": "nsf+maf",
                                   "npe_options": {"embedding": "set", "set_points": 4}}},
+        {"options": opts, "row": {"task": "slcp", "budget": 100000, "c2st_mean": 0.7,
+                                  "head": "nsf", "npe_options": slcp_now}},
         {"options": {**opts, "ensemble": 1},
-         "row": {"task": "gaussian_mixture", "budget": 1000, "c2st_mean": 0.7}},
+         "row": {"task": "gaussian_mixture", "budget": 1000, "c2st_mean": 0.7,
+                 "head": "nsf+maf"}},
     ]
     journal = tmp_path / "j.jsonl"
     journal.write_text("\n".join(json.dumps(e) for e in lines) + '\n{"options": {"he')
     done = bench.journal_rows(journal, opts)
-    assert sorted(done) == [("gaussian_linear", 1000), ("slcp", 10000)]
+    assert sorted(done) == [("gaussian_linear", 1000), ("slcp", 100000)]
     assert bench.journal_rows(tmp_path / "absent.jsonl", opts) == {}
+    # a row whose head is not the one asked for is not reused either
+    maf = {**opts, "head": "maf"}
+    journal.write_text(json.dumps({"options": maf, "row": {**lines[0]["row"]}}) + "\n")
+    assert bench.journal_rows(journal, maf) == {}
+
+
+def test_markdown_shows_new_observations_under_the_protocol_beside_the_quick_score():
+    from flashbayes.benchmarks import _sbibm_bench as bench
+
+    def row(task, proto, quick):
+        return {"task": task, "budget": 10000, "c2st_mean": 0.6, "c2st_quick_mean": 0.62,
+                "c2st_new_mean": proto, "c2st_new_se": 0.01, "c2st_new_quick_mean": quick,
+                "c2st_new_quick_se": 0.02, "published_npe": 0.7, "published_snpe": 0.65,
+                "train_s": 100.0, "members": ["nsf"], "observations": [{"sample_10k_s": 0.02}]}
+
+    opts = {"head": None, "ensemble": 5, "observations": [1], "c2st_draws": 10000,
+            "early_stopping": False, "new": 5, "new_protocol": True}
+    table = bench.markdown({"options": opts, "rows": [row("sir", 0.61, 0.64),
+                                                      row("slcp", 0.71, 0.74)]})
+    assert "| new, C2ST | new, quick C2ST |" in table and "Each task's head" in table
+    assert "| sir | 10000 | 0.600 | 0.620 | 0.610 ± 0.010 | 0.640 ± 0.020 |" in table
+    assert "| **mean of 2** | 10000 | 0.600 | 0.620 | 0.660 | 0.690 |" in table
+    header, rule = table.splitlines()[4:6]
+    assert header.count("|") == rule.count("|")  # every column has its rule
+    quick_only = bench.markdown({"options": {**opts, "new_protocol": False},
+                                 "rows": [row("sir", None, 0.64)]})
+    assert "new, C2ST" not in quick_only and "| 0.640 ± 0.020 |" in quick_only

@@ -86,8 +86,9 @@ def train_cmd(
         task: Annotated[str, typer.Argument(help="task name (see flashbayes.sbi.tasks)")],
         simulations: Annotated[int, typer.Option(help="simulation budget")],
         out: Annotated[Path, typer.Option(help="folder for the estimator (npe.safetensors)")],
-        head: Annotated[str, typer.Option(
-            help="density head: nsf, maf, gmm, or several joined by '+'")] = "nsf+maf",
+        head: Annotated[str | None, typer.Option(
+            help="density head: nsf, maf, gmm, or several joined by '+' (default: the task's "
+                 "own, nsf+maf but for slcp's nsf)")] = None,
         ensemble: Annotated[int, typer.Option(help="networks trained per head")] = 5,
         interval_map: Annotated[str, typer.Option(
             help="bijection onto a box prior: flat (linear but near the edges) or logit")]
@@ -119,17 +120,19 @@ def train_cmd(
                         TextColumn("network {task.fields[member]}  epoch {task.fields[epoch]}  "
                                    "val loss {task.fields[val]}"),
                         console=err_console, transient=True)
+    settings = t.npe_settings(head)
+    head = settings["head"]
     with progress:
         bar = progress.add_task(f"training {task} ({head})", epoch=0, val="-", member=1)
 
         def report(ev):
             progress.update(bar, epoch=ev.epoch, val=f"{ev.val_loss:.4f}", member=ev.member + 1)
 
-        est = train_npe(t.prior(), source, budget, key=jax.random.key(seed), head=head,
+        est = train_npe(t.prior(), source, budget, key=jax.random.key(seed),
                         ensemble=ensemble, interval_map=interval_map,
                         max_epochs=max_epochs, patience=patience,
                         parameter_names=list(t.parameter_names), out_dir=out, callback=report,
-                        **t.npe_kwargs)
+                        **settings)
     epochs = est.config["epochs"]
     nets = len(epochs) if isinstance(epochs, list) else 1
     console.print(f"trained {head} NPE ({nets} network{'s' * (nets > 1)}) for {task} on "

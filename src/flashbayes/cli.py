@@ -475,8 +475,9 @@ def bench_sbibm(
             help="comma-separated sbibm tasks (default: all six)")] = None,
         budgets: Annotated[str, typer.Option(
             help="comma-separated simulation budgets")] = "1000,10000,100000",
-        head: Annotated[str, typer.Option(
-            help="NPE head: nsf, maf, gmm, or several joined by '+'")] = "nsf+maf",
+        head: Annotated[str | None, typer.Option(
+            help="NPE head: nsf, maf, gmm, or several joined by '+' (default: each task's own, "
+                 "nsf+maf but for slcp's nsf)")] = None,
         ensemble: Annotated[int, typer.Option(help="networks trained per head")] = 5,
         observations: Annotated[str, typer.Option(
             help="comma-separated observation numbers (1..10)")] = "1,2,3,4,5",
@@ -486,8 +487,9 @@ def bench_sbibm(
             help="stop each C2ST classifier on a validation split (fast; not the published "
                  "protocol)")] = False,
         new: Annotated[int, typer.Option(
-            help="also score this many observations of our own per task (quick C2ST against "
-                 "the task's reference posterior)")] = 0,
+            help="also score this many observations of our own per task (C2ST against the "
+                 "task's reference posterior; under the protocol too, unless "
+                 "--c2st-early-stopping)")] = 0,
         seed: Annotated[int, typer.Option(help="training seed of the first pair")] = 20261123,
         out: Annotated[Path, typer.Option(help="folder for sbibm.json and .md")] = Path(".")):
     """NPE on the sbibm tasks: C2ST against the reference posteriors beside published results.
@@ -506,7 +508,7 @@ def bench_sbibm(
 
     chosen = sbi_tasks.names() if tasks is None else [
         t.strip() for t in tasks.split(",") if t.strip()]
-    heads = head.split("+")
+    heads = head.split("+") if head is not None else ["nsf"]
     if any(h not in ("nsf", "maf", "gmm") for h in heads) or len(set(heads)) != len(heads):
         raise UsageError(f"--head: expected nsf, maf, gmm or several joined by '+'; got "
                          f"{head!r}")

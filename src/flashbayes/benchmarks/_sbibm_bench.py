@@ -73,9 +73,11 @@ def new_observations(task_name: str, n: int) -> list[np.ndarray]:
             for k, th in zip(jax.random.split(k_x, n), thetas, strict=True)]
 
 
-def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000) -> list[dict]:
+def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000,
+              protocol: bool = False) -> list[dict]:
     """Quick C2ST of `draws` of the estimator's draws against as many reference draws, on `n`
-    new observations."""
+    new observations; with `protocol`, the same draws also under the published protocol
+    (``"c2st"``: 5-fold, no early stopping)."""
     import flashbayes as fb
 
     task = fb.sbi.tasks.get(task_name)
@@ -86,23 +88,28 @@ def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000) -> li
         ref = np.asarray(task.reference_posterior(k_ref, x, draws))
         reference_s = time.perf_counter() - t0
         ours = np.asarray(est.posterior(x).sample(k_draw, draws))
-        out.append({"observation": j + 1, "x": x.tolist(), "reference_s": reference_s,
-                    "c2st_quick": fb.diagnostics.c2st(ref, ours, seed=1, early_stopping=True)})
+        entry = {"observation": j + 1, "x": x.tolist(), "reference_s": reference_s,
+                 "c2st_quick": fb.diagnostics.c2st(ref, ours, seed=1, early_stopping=True)}
+        if protocol:
+            entry["c2st"] = fb.diagnostics.c2st(ref, ours, seed=1, early_stopping=False)
+        out.append(entry)
     return out
 
 
-def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
+def run_one(task_name: str, budget: int, *, head: str | None, ensemble: int,
             observations: Sequence[int],
             max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool,
             new: int = 0) -> dict:
-    """Train on `budget` simulations of one task and score every observation."""
+    """Train on `budget` simulations of one task and score every observation (`head` None:
+    the task's own, see `SBITask.npe_settings`)."""
     import flashbayes as fb
 
     task = fb.sbi.tasks.get(task_name)
+    settings = task.npe_settings(head)
     t0 = time.perf_counter()
     est = fb.sbi.train_npe(task.prior(), task.simulator, budget, key=jax.random.key(seed),
-                           head=head, ensemble=ensemble, max_epochs=max_epochs,
-                           parameter_names=list(task.parameter_names), **task.npe_kwargs)
+                           ensemble=ensemble, max_epochs=max_epochs,
+                           parameter_names=list(task.parameter_names), **settings)
     train_s = time.perf_counter() - t0
     per_obs = []
     for k in observations:
@@ -124,15 +131,21 @@ def run_one(task_name: str, budget: int, *, head: str, ensemble: int,
         per_obs.append(entry)
     extra = {}
     if new:
-        scored = score_new(est, task_name, new, seed)
-        quick = [o["c2st_quick"] for o in scored]
-        extra = {"new_observations": scored, "c2st_new_quick_mean": float(np.mean(quick)),
-                 "c2st_new_quick_se": (float(np.std(quick, ddof=1) / np.sqrt(len(quick)))
-                                       if len(quick) > 1 else None)}
-    return {"task": task_name, "budget": int(budget), "head": head, "ensemble": ensemble,
+        scored = score_new(est, task_name, new, seed, draws=c2st_draws,
+                           protocol=not early_stopping)
+        for label, field in (("quick", "c2st_quick"), ("protocol", "c2st")):
+            if field in scored[0]:
+                vals = [o[field] for o in scored]
+                tag = "_quick" if label == "quick" else ""
+                extra[f"c2st_new{tag}_mean"] = float(np.mean(vals))
+                extra[f"c2st_new{tag}_se"] = (float(np.std(vals, ddof=1) / np.sqrt(len(vals)))
+                                              if len(vals) > 1 else None)
+        extra["new_observations"] = scored
+    return {"task": task_name, "budget": int(budget), "head": settings["head"],
+            "ensemble": ensemble,
             "npe_options": task.npe_kwargs,
             "train_s": train_s, "epochs": est.config["epochs"],
-            "members": est.config.get("members", [head]),
+            "members": est.config.get("members", [settings["head"]]),
             "weights": est.config.get("weights", [1.0]),
             "best_val_loss": est.config["best_val_loss"],
             "num_simulations_ok": est.config["num_simulations"],
@@ -163,12 +176,14 @@ def journal_rows(journal: Path, options: dict) -> dict[tuple[str, int], dict]:
             continue  # a line cut short by a crash
         row = entry.get("row", {}) if isinstance(entry, dict) else {}
         if (entry.get("options") == options and row.get("task") in sbi_tasks.names()
-                and row.get("npe_options", {}) == sbi_tasks.get(row["task"]).npe_kwargs):
+                and row.get("npe_options", {}) == sbi_tasks.get(row["task"]).npe_kwargs
+                and row.get("head") == sbi_tasks.get(row["task"]).npe_settings(
+                    options.get("head"))["head"]):
             done[(row["task"], row["budget"])] = row
     return done
 
 
-def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
+def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str | None = None,
         ensemble: int = 5,
         observations: Sequence[int] = (1, 2, 3, 4, 5), max_epochs: int = 1000,
         c2st_draws: int = 10_000, early_stopping: bool = False, seed: int = SEED,
@@ -177,8 +192,9 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
     """Every (task, budget) pair; rows already in `journal` with the same options are reused.
 
     The training seed of a pair is `training_seed(task, budget, seed)`, so a rerun (or a run over
-    a subset of tasks) gives the same networks. `new` > 0 also scores that many observations
-    of our own per task (`score_new`).
+    a subset of tasks) gives the same networks. `head` None trains each task's own head
+    (`SBITask.npe_settings`). `new` > 0 also scores that many observations of our own per task
+    (`score_new`; under the protocol too unless `early_stopping`).
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
@@ -198,6 +214,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str = "nsf+maf",
                "early_stopping": bool(early_stopping), "seed": int(seed)}
     if new:  # only then, so journals written before the option still match
         options["new"] = int(new)
+        if not early_stopping:
+            options["new_protocol"] = True
     done = journal_rows(journal, options) if journal is not None else {}
     rows = []
     for name in tasks:
@@ -233,36 +251,42 @@ def markdown(result: dict) -> str:
     opt = result["options"]
     quick = not opt["early_stopping"]  # a quick-score column beside the protocol's
     new = int(opt.get("new", 0))  # a column for the observations of our own
+    new_protocol = bool(opt.get("new_protocol"))  # and one scored under the protocol
+    head = (f"Head `{opt['head']}`" if opt["head"] is not None else
+            "Each task's head (`nsf+maf` unless its `npe_options` say otherwise; see the "
+            "networks kept)")
     lines = ["# NPE on sbibm", "",
-             f"Head `{opt['head']}` ({opt.get('ensemble', 1)} per head), observations "
+             f"{head} ({opt.get('ensemble', 1)} per head), observations "
              f"{opt['observations']}, C2ST on "
              f"{opt['c2st_draws']} draws of each set"
              f"{' (classifier with early stopping)' if opt['early_stopping'] else ''}. "
              "Published: the paper's NPE and SNPE on the same observations."
              + (" Quick: the same draws scored by the classifier with early stopping."
                 if quick else "")
-             + (f" New: quick C2ST on {new} observations of our own per task (theta from the "
+             + (f" New: {'C2ST under the protocol and ' if new_protocol else ''}quick C2ST "
+                f"on {new} observations of our own per task (theta from the "
                 f"prior, x simulated, seed {OBS_SEED} + task index) against draws of "
                 "`task.reference_posterior`, mean ± standard error." if new else ""), "",
              "| task | simulations | C2ST (ours) | " + ("quick C2ST | " if quick else "")
-             + ("new, quick C2ST | " if new else "")
+             + ("new, C2ST | " if new_protocol else "") + ("new, quick C2ST | " if new else "")
              + "published NPE | published SNPE | train s | networks kept | 10k draws ms |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if quick else "")
-             + ("---|" if new else "")]
+             + ("---|" if new_protocol else "") + ("---|" if new else "")]
 
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
 
-    def fmt_new(r):
-        if r.get("c2st_new_quick_mean") is None:
+    def fmt_new(r, tag="_quick"):
+        if r.get(f"c2st_new{tag}_mean") is None:
             return "—"
-        se = r.get("c2st_new_quick_se")
-        return f"{r['c2st_new_quick_mean']:.3f}" + ("" if se is None else f" ± {se:.3f}")
+        se = r.get(f"c2st_new{tag}_se")
+        return f"{r[f'c2st_new{tag}_mean']:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
     for r in result["rows"]:
         ms = 1000 * np.median([o["sample_10k_s"] for o in r["observations"]])
         lines.append(f"| {r['task']} | {r['budget']} | {r['c2st_mean']:.3f} | "
                      + (f"{fmt(r.get('c2st_quick_mean'))} | " if quick else "")
+                     + (f"{fmt_new(r, '')} | " if new_protocol else "")
                      + (f"{fmt_new(r)} | " if new else "")
                      + f"{fmt(r['published_npe'])} | {fmt(r.get('published_snpe'))} | "
                      f"{r['train_s']:.1f} | {_kept(r)} | {ms:.1f} |")
@@ -275,10 +299,13 @@ def markdown(result: dict) -> str:
             snpe = [r.get("published_snpe") for r in rs]
             qs = [r.get("c2st_quick_mean") for r in rs]
             ns = [r.get("c2st_new_quick_mean") for r in rs]
+            ps = [r.get("c2st_new_mean") for r in rs]
             lines.append(f"| **mean of {len(rs)}** | {b} | "
                          f"{np.mean([r['c2st_mean'] for r in rs]):.3f} | "
                          + (f"{fmt(None if None in qs else float(np.mean(qs)))} | "
                             if quick else "")
+                         + (f"{fmt(None if None in ps else float(np.mean(ps)))} | "
+                            if new_protocol else "")
                          + (f"{fmt(None if None in ns else float(np.mean(ns)))} | "
                             if new else "")
                          + f"{fmt(None if None in pub else float(np.mean(pub)))} | "

@@ -54,7 +54,10 @@ class SBITask:
         npe_options: keyword arguments of `flashbayes.sbi.train_npe` that fit the structure of
             the task's data, as (name, value) pairs; the benchmarks and ``flashbayes sbi
             train`` pass them. slcp's x is four i.i.d. 2-D points, so it goes through the
-            permutation-invariant set embedding (``embedding="set", set_points=4``).
+            permutation-invariant set embedding (``embedding="set", set_points=4``), and it
+            trains spline flows only (``head="nsf"``): in the default ``"nsf+maf"`` mixture its
+            autoregressive flows got under 1 % of the stacking weight on the validation split at
+            10^4 simulations, yet took more than half the training epochs.
     """
 
     name: str
@@ -73,6 +76,22 @@ class SBITask:
     def npe_kwargs(self) -> dict[str, Any]:
         """`npe_options` as a dict, for ``train_npe(..., **task.npe_kwargs)``."""
         return dict(self.npe_options)
+
+    def npe_settings(self, head: str | None = None) -> dict[str, Any]:
+        """`npe_kwargs` with the head spelled out: `head` where one is given, else the task's
+        own (``"nsf+maf"`` unless its `npe_options` name another).
+
+        Example:
+            >>> from flashbayes.sbi import tasks
+            >>> tasks.get("slcp").npe_settings()["head"], tasks.get("sir").npe_settings()["head"]
+            ('nsf', 'nsf+maf')
+            >>> tasks.get("slcp").npe_settings("maf")["head"]
+            'maf'
+        """
+        settings = {"head": "nsf+maf", **self.npe_kwargs}
+        if head is not None:
+            settings["head"] = head
+        return settings
 
     def reference_posterior(self, key: jax.Array, x: Any, n: int) -> np.ndarray:
         """n draws (n, d) from p(theta | x) for any observation x: the closed form where there
@@ -314,7 +333,7 @@ _REGISTRY: dict[str, SBITask] = {
                 _glm_log_likelihood, (1000, 10_000, 100_000, 1_000_000)),
         SBITask("slcp", 5, 8, _names(5), _slcp_prior, _slcp_simulator, _slcp_log_likelihood,
                 (1000, 10_000, 100_000, 1_000_000), symmetry=_slcp_flip_signs,
-                npe_options=(("embedding", "set"), ("set_points", 4))),
+                npe_options=(("embedding", "set"), ("set_points", 4), ("head", "nsf"))),
         SBITask("sir", 2, 10, ("$\\beta$", "$\\gamma$"), _sir_prior, _sir_simulator,
                 _sir_log_likelihood, (100, 1000, 10_000, 100_000, 1_000_000)),
     )
