@@ -47,7 +47,16 @@ SECTIONS = [
      "not the published protocol; see docs/sbi.md (the logit map: "
      "`benchmarks/results/sbibm_1e3_mix.md`; one MAF per task: "
      "`benchmarks/results/sbibm_1e3_maf_es.md`)."),
-    ("sbibm_1e4_flat_full.md", "NPE on sbibm at 10^4 simulations (published C2ST protocol)",
+    ("sbibm_1e4_full.md", "NPE on sbibm at 10^4 simulations: shared and new observations, "
+     "published C2ST protocol",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c N python benchmarks/sbibm.py --tasks ... --budgets "
+     "10000 --new 5 --name ...` (`benchmarks/results/sbibm_1e4_full.json`; two processes of "
+     "three tasks, one per core, their journals joined and the table composed over all six): "
+     "the default estimator (slcp: spline flows only), observations 1-5 and five observations "
+     "of our own per task, every set of draws scored by the published protocol and by the "
+     "quick classifier; see docs/sbi.md."),
+    ("sbibm_1e4_flat_full.md", "NPE on sbibm at 10^4 simulations (published C2ST protocol, "
+     "slcp with both heads)",
      "From `python benchmarks/sbibm.py --budgets 10000 --name sbibm_1e4_flat_full` "
      "(`benchmarks/results/sbibm_1e4_flat_full.json`): the default estimator as above, each "
      "observation's draws scored by the published protocol (classifier trained to "
