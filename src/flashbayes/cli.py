@@ -508,7 +508,7 @@ def bench_sbibm(
 
     chosen = sbi_tasks.names() if tasks is None else [
         t.strip() for t in tasks.split(",") if t.strip()]
-    heads = head.split("+") if head is not None else ["nsf"]
+    heads = head.split("+") if head is not None else []  # None: each task's own head
     if any(h not in ("nsf", "maf", "gmm") for h in heads) or len(set(heads)) != len(heads):
         raise UsageError(f"--head: expected nsf, maf, gmm or several joined by '+'; got "
                          f"{head!r}")

@@ -96,6 +96,12 @@ def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000,
     return out
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None for a single value)."""
+    se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return float(np.mean(values)), se
+
+
 def run_one(task_name: str, budget: int, *, head: str | None, ensemble: int,
             observations: Sequence[int],
             max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool,
@@ -133,13 +139,10 @@ def run_one(task_name: str, budget: int, *, head: str | None, ensemble: int,
     if new:
         scored = score_new(est, task_name, new, seed, draws=c2st_draws,
                            protocol=not early_stopping)
-        for label, field in (("quick", "c2st_quick"), ("protocol", "c2st")):
+        for tag, field in (("_quick", "c2st_quick"), ("", "c2st")):
             if field in scored[0]:
-                vals = [o[field] for o in scored]
-                tag = "_quick" if label == "quick" else ""
-                extra[f"c2st_new{tag}_mean"] = float(np.mean(vals))
-                extra[f"c2st_new{tag}_se"] = (float(np.std(vals, ddof=1) / np.sqrt(len(vals)))
-                                              if len(vals) > 1 else None)
+                extra[f"c2st_new{tag}_mean"], extra[f"c2st_new{tag}_se"] = mean_se(
+                    [o[field] for o in scored])
         extra["new_observations"] = scored
     return {"task": task_name, "budget": int(budget), "head": settings["head"],
             "ensemble": ensemble,
@@ -295,19 +298,14 @@ def markdown(result: dict) -> str:
     if len(tasks) > 1:
         for b in budgets:
             rs = [r for r in result["rows"] if r["budget"] == b]
-            pub = [r["published_npe"] for r in rs]
-            snpe = [r.get("published_snpe") for r in rs]
-            qs = [r.get("c2st_quick_mean") for r in rs]
-            ns = [r.get("c2st_new_quick_mean") for r in rs]
-            ps = [r.get("c2st_new_mean") for r in rs]
-            lines.append(f"| **mean of {len(rs)}** | {b} | "
-                         f"{np.mean([r['c2st_mean'] for r in rs]):.3f} | "
-                         + (f"{fmt(None if None in qs else float(np.mean(qs)))} | "
-                            if quick else "")
-                         + (f"{fmt(None if None in ps else float(np.mean(ps)))} | "
-                            if new_protocol else "")
-                         + (f"{fmt(None if None in ns else float(np.mean(ns)))} | "
-                            if new else "")
-                         + f"{fmt(None if None in pub else float(np.mean(pub)))} | "
-                         f"{fmt(None if None in snpe else float(np.mean(snpe)))} | | | |")
+
+            def avg(key, rs=rs):  # "—" where a row lacks the figure
+                vals = [r.get(key) for r in rs]
+                return fmt(None if None in vals else float(np.mean(vals)))
+
+            lines.append(f"| **mean of {len(rs)}** | {b} | {avg('c2st_mean')} | "
+                         + (f"{avg('c2st_quick_mean')} | " if quick else "")
+                         + (f"{avg('c2st_new_mean')} | " if new_protocol else "")
+                         + (f"{avg('c2st_new_quick_mean')} | " if new else "")
+                         + f"{avg('published_npe')} | {avg('published_snpe')} | | | |")
     return "\n".join(lines) + "\n"
