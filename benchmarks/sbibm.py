@@ -5,6 +5,7 @@ Usage:
                                [--head nsf+maf] [--ensemble 5] [--observations 1 2 3 4 5]
                                [--max-epochs 1000]
                                [--c2st-draws 10000] [--c2st-early-stopping] [--new 0]
+                               [--obs-seed 31415]
                                [--name sbibm_smoke]
 
 The same run as `flashbayes bench sbibm` (see `flashbayes.benchmarks._sbibm_bench`): one
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=0,
                     help="also score K observations of our own per task (C2ST under the "
                          "protocol, and quick)")
+    ap.add_argument("--obs-seed", type=int, default=bench.OBS_SEED,
+                    help="seed of the observations of our own (another one: a fresh set)")
     ap.add_argument("--seed", type=int, default=bench.SEED)
     ap.add_argument("--name", default="sbibm")
     args = ap.parse_args()
@@ -53,6 +56,7 @@ def main() -> None:
                        observations=args.observations,
                        max_epochs=args.max_epochs, c2st_draws=args.c2st_draws,
                        early_stopping=args.c2st_early_stopping, seed=args.seed, new=args.new,
+                       obs_seed=args.obs_seed,
                        journal=RESULTS / f"{args.name}.journal.jsonl",
                        progress=lambda m: print(f"running {m}", flush=True))
     from _docs import save

@@ -122,6 +122,8 @@ def test_new_observations_are_fixed_and_scored_against_the_reference():
     b = bench.new_observations("gaussian_linear", 2)
     assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True)) and a[0].shape == (10,)
     assert not np.array_equal(a[0], a[1])
+    fresh = bench.new_observations("gaussian_linear", 2, obs_seed=bench.OBS_SEED + 7)
+    assert not any(np.array_equal(u, v) for u, v in zip(a, fresh, strict=True))
     right = bench.score_new(_Exact(0.0), "gaussian_linear", 1, seed=3, draws=2000)
     wrong = bench.score_new(_Exact(0.22), "gaussian_linear", 1, seed=3, draws=2000)  # sd 0.22
     assert right[0]["c2st_quick"] < 0.56, right
@@ -195,3 +197,7 @@ def test_markdown_shows_new_observations_under_the_protocol_beside_the_quick_sco
     quick_only = bench.markdown({"options": {**opts, "new_protocol": False},
                                  "rows": [row("sir", None, 0.64)]})
     assert "new, C2ST" not in quick_only and "| 0.640 ± 0.020 |" in quick_only
+    # the table names the seed its observations of our own were drawn with
+    assert f"seed {bench.OBS_SEED} + task index" in table
+    fresh = bench.markdown({"options": {**opts, "obs_seed": 27182}, "rows": [row("sir", 0.6, 0.6)]})
+    assert "seed 27182 + task index" in fresh

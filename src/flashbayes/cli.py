@@ -490,6 +490,8 @@ def bench_sbibm(
             help="also score this many observations of our own per task (C2ST against the "
                  "task's reference posterior; under the protocol too, unless "
                  "--c2st-early-stopping)")] = 0,
+        obs_seed: Annotated[int, typer.Option(
+            help="seed of the observations of our own (another one: a fresh set)")] = 31415,
         seed: Annotated[int, typer.Option(help="training seed of the first pair")] = 20261123,
         out: Annotated[Path, typer.Option(help="folder for sbibm.json and .md")] = Path(".")):
     """NPE on the sbibm tasks: C2ST against the reference posteriors beside published results.
@@ -521,7 +523,7 @@ def bench_sbibm(
                            observations=ints(observations, "observations"),
                            max_epochs=max_epochs, c2st_draws=c2st_draws,
                            early_stopping=c2st_early_stopping, seed=seed, new=new,
-                           journal=out / "sbibm.journal.jsonl",
+                           obs_seed=obs_seed, journal=out / "sbibm.journal.jsonl",
                            progress=lambda m: err_console.print(f"running {m}"))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

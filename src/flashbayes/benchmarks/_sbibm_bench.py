@@ -58,23 +58,24 @@ def training_seed(task: str, budget: int, seed: int = SEED) -> int:
     return seed + 100 * sbi_tasks.names().index(task) + round(math.log10(budget))
 
 
-def new_observations(task_name: str, n: int) -> list[np.ndarray]:
+def new_observations(task_name: str, n: int, obs_seed: int = OBS_SEED) -> list[np.ndarray]:
     """`n` observations of our own: theta from the task's prior, x from its simulator.
 
-    Drawn from key(OBS_SEED + i), i the task's place in the registry, so every benchmark that
-    asks for them scores the same observations.
+    Drawn from key(obs_seed + i), i the task's place in the registry, so every benchmark that
+    asks for them scores the same observations; another `obs_seed` gives a fresh set.
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
     task = sbi_tasks.get(task_name)
-    k_theta, k_x = jax.random.split(jax.random.key(OBS_SEED + sbi_tasks.names().index(task_name)))
+    index = sbi_tasks.names().index(task_name)
+    k_theta, k_x = jax.random.split(jax.random.key(obs_seed + index))
     thetas = task.prior().sample(k_theta, (n,))
     return [np.asarray(task.simulator(k, th))
             for k, th in zip(jax.random.split(k_x, n), thetas, strict=True)]
 
 
 def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000,
-              protocol: bool = False) -> list[dict]:
+              protocol: bool = False, obs_seed: int = OBS_SEED) -> list[dict]:
     """Quick C2ST of `draws` of the estimator's draws against as many reference draws, on `n`
     new observations; with `protocol`, the same draws also under the published protocol
     (``"c2st"``: 5-fold, no early stopping)."""
@@ -82,7 +83,7 @@ def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000,
 
     task = fb.sbi.tasks.get(task_name)
     out = []
-    for j, x in enumerate(new_observations(task_name, n)):
+    for j, x in enumerate(new_observations(task_name, n, obs_seed)):
         k_ref, k_draw = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1001 + j))
         t0 = time.perf_counter()
         ref = np.asarray(task.reference_posterior(k_ref, x, draws))
@@ -105,9 +106,10 @@ def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
 def run_one(task_name: str, budget: int, *, head: str | None, ensemble: int,
             observations: Sequence[int],
             max_epochs: int, c2st_draws: int, seed: int, early_stopping: bool,
-            new: int = 0) -> dict:
+            new: int = 0, obs_seed: int = OBS_SEED) -> dict:
     """Train on `budget` simulations of one task and score every observation (`head` None:
-    the task's own, see `SBITask.npe_settings`)."""
+    the task's own, see `SBITask.npe_settings`) and `new` observations of our own drawn with
+    `obs_seed`."""
     import flashbayes as fb
 
     task = fb.sbi.tasks.get(task_name)
@@ -138,7 +140,7 @@ def run_one(task_name: str, budget: int, *, head: str | None, ensemble: int,
     extra = {}
     if new:
         scored = score_new(est, task_name, new, seed, draws=c2st_draws,
-                           protocol=not early_stopping)
+                           protocol=not early_stopping, obs_seed=obs_seed)
         for tag, field in (("_quick", "c2st_quick"), ("", "c2st")):
             if field in scored[0]:
                 extra[f"c2st_new{tag}_mean"], extra[f"c2st_new{tag}_se"] = mean_se(
@@ -190,14 +192,14 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str | None = None
         ensemble: int = 5,
         observations: Sequence[int] = (1, 2, 3, 4, 5), max_epochs: int = 1000,
         c2st_draws: int = 10_000, early_stopping: bool = False, seed: int = SEED,
-        new: int = 0, journal: Path | None = None,
+        new: int = 0, obs_seed: int = OBS_SEED, journal: Path | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
     """Every (task, budget) pair; rows already in `journal` with the same options are reused.
 
     The training seed of a pair is `training_seed(task, budget, seed)`, so a rerun (or a run over
     a subset of tasks) gives the same networks. `head` None trains each task's own head
     (`SBITask.npe_settings`). `new` > 0 also scores that many observations of our own per task
-    (`score_new`; under the protocol too unless `early_stopping`).
+    (`score_new`; under the protocol too unless `early_stopping`), drawn with `obs_seed`.
     """
     from flashbayes.sbi import tasks as sbi_tasks
 
@@ -219,6 +221,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str | None = None
         options["new"] = int(new)
         if not early_stopping:
             options["new_protocol"] = True
+        if int(obs_seed) != OBS_SEED:
+            options["obs_seed"] = int(obs_seed)
     done = journal_rows(journal, options) if journal is not None else {}
     rows = []
     for name in tasks:
@@ -232,7 +236,8 @@ def run(tasks: Sequence[str], budgets: Sequence[int], *, head: str | None = None
                           observations=options["observations"],
                           max_epochs=max_epochs, c2st_draws=c2st_draws,
                           seed=training_seed(name, int(budget), seed),
-                          early_stopping=early_stopping, new=int(new))
+                          early_stopping=early_stopping, new=int(new),
+                          obs_seed=int(obs_seed))
             rows.append(row)
             if journal is not None:
                 with open(journal, "a") as fh:
@@ -268,7 +273,8 @@ def markdown(result: dict) -> str:
                 if quick else "")
              + (f" New: {'C2ST under the protocol and ' if new_protocol else ''}quick C2ST "
                 f"on {new} observations of our own per task (theta from the "
-                f"prior, x simulated, seed {OBS_SEED} + task index) against draws of "
+                f"prior, x simulated, seed {opt.get('obs_seed', OBS_SEED)} + task index) "
+                "against draws of "
                 "`task.reference_posterior`, mean ± standard error." if new else ""), "",
              "| task | simulations | C2ST (ours) | " + ("quick C2ST | " if quick else "")
              + ("new, C2ST | " if new_protocol else "") + ("new, quick C2ST | " if new else "")
