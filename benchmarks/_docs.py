@@ -55,6 +55,18 @@ SECTIONS = [
      "the default estimator (slcp: spline flows only), observations 1-5 and five observations "
      "of our own per task, every set of draws scored by the published protocol and by the "
      "quick classifier; see docs/sbi.md."),
+    ("sbibm_1e4_fresh.md", "NPE on sbibm at 10^4 simulations: ten fresh observations of our "
+     "own per task, published C2ST protocol",
+     "From `OPENBLAS_NUM_THREADS=1 taskset -c N python benchmarks/sbibm.py --tasks ... --budgets "
+     "10000 --observations 1 --new 10 --obs-seed 27182 --name ...` "
+     "(`benchmarks/results/sbibm_1e4_fresh.json`; two processes, one per core, their journals "
+     "joined and the table composed over all six): the estimators of the run above (same "
+     "training seeds) on ten observations drawn with another seed; see docs/sbi.md."),
+    ("sbibm_1e4_new.md", "NPE on sbibm at 10^4 simulations: all observations of our own, "
+     "pooled",
+     "From `python benchmarks/sbibm_pool.py --runs sbibm_1e4_full sbibm_1e4_fresh --name "
+     "sbibm_1e4_new` (`benchmarks/results/sbibm_1e4_new.json`): the five and the ten new "
+     "observations per task of the two runs above, under the published protocol."),
     ("sbibm_1e4_flat_full.md", "NPE on sbibm at 10^4 simulations (published C2ST protocol, "
      "slcp with both heads)",
      "From `python benchmarks/sbibm.py --budgets 10000 --name sbibm_1e4_flat_full` "

@@ -201,3 +201,41 @@ def test_markdown_shows_new_observations_under_the_protocol_beside_the_quick_sco
     assert f"seed {bench.OBS_SEED} + task index" in table
     fresh = bench.markdown({"options": {**opts, "obs_seed": 27182}, "rows": [row("sir", 0.6, 0.6)]})
     assert "seed 27182 + task index" in fresh
+
+
+def _pool_run(obs_seed, scores, *, val_loss=-1.0, seed=1, tasks=("sir", "slcp")):
+    """A benchmark result whose tasks scored new observations x = [obs_seed, j] with `scores`."""
+    opts = {"head": None, "ensemble": 5, "seed": seed, "max_epochs": 1000, "c2st_draws": 10000,
+            "new": len(scores), "new_protocol": True, "obs_seed": obs_seed}
+    rows = [{"task": t, "budget": 10000, "best_val_loss": val_loss, "published_npe": 0.7,
+             "published_snpe": 0.6,
+             "new_observations": [{"x": [obs_seed, j], "c2st": s, "c2st_quick": s + 0.01}
+                                  for j, s in enumerate(scores)]} for t in tasks]
+    return {"options": opts, "rows": rows}
+
+
+def test_pool_new_counts_every_observation_once_and_only_for_the_same_estimators():
+    from flashbayes.benchmarks import _sbibm_bench as bench
+
+    pooled = bench.pool_new([_pool_run(1, [0.5, 0.7]), _pool_run(2, [0.6, 0.6, 0.9])])
+    sir = next(r for r in pooled["rows"] if r["task"] == "sir")
+    assert sir["n_observations"] == 5 and sir["runs"] == 2 and sir["same_network"]
+    assert sir["c2st_new_mean"] == pytest.approx(0.66)
+    assert sir["c2st_new_se"] == pytest.approx(np.std([0.5, 0.7, 0.6, 0.6, 0.9], ddof=1) / 5**0.5)
+    assert sir["c2st_new_quick_mean"] == pytest.approx(0.67)
+    mean = pooled["mean"]["10000"]
+    assert mean["c2st_new_mean"] == pytest.approx(0.66) and mean["tasks"] == 2
+    assert mean["c2st_new_se"] == pytest.approx(sir["c2st_new_se"] / 2**0.5)
+    table = bench.pooled_markdown(pooled, ["a", "b"])
+    assert "| sir | 10000 | 5 | 0.660 ± " in table and "| **mean of 2** | 10000 | 10 |" in table
+    # a network trained again to another validation loss is flagged
+    other = bench.pool_new([_pool_run(1, [0.5]), _pool_run(2, [0.6], val_loss=-1.1)])
+    assert not other["rows"][0]["same_network"]
+    with pytest.raises(ValueError, match="appears in two runs"):
+        bench.pool_new([_pool_run(1, [0.5, 0.7]), _pool_run(1, [0.6])])
+    with pytest.raises(ValueError, match="same"):
+        bench.pool_new([_pool_run(1, [0.5]), _pool_run(2, [0.6], seed=2)])
+    quick_only = _pool_run(3, [0.5])
+    quick_only["options"]["new_protocol"] = False
+    with pytest.raises(ValueError, match="under the protocol"):
+        bench.pool_new([quick_only])

@@ -315,3 +315,96 @@ def markdown(result: dict) -> str:
                          + (f"{avg('c2st_new_quick_mean')} | " if new else "")
                          + f"{avg('published_npe')} | {avg('published_snpe')} | | | |")
     return "\n".join(lines) + "\n"
+
+
+def pool_new(results: Sequence[dict]) -> dict:
+    """The observations of our own of several runs, pooled per (task, budget).
+
+    Each run must have trained the same estimators (the same training seed, ensemble size and
+    head options) and scored its new observations under the protocol; an observation that
+    appears in two runs (the same x) is refused, so nothing is counted twice. Returns
+    ``{"rows": [...], "mean": ...}``: per pair the number of observations, the protocol's and
+    the quick score's mean and standard error, and whether every run's estimator had the same
+    best validation loss (the same network, trained again); per budget the mean over tasks,
+    each task weighted equally, with the standard error of that mean from the per-task ones.
+    """
+    same = ("seed", "ensemble", "head", "max_epochs", "c2st_draws")
+    if not results:
+        raise ValueError("results: expected at least one benchmark result; got none")
+    first = results[0]["options"]
+    for res in results:
+        opt = res["options"]
+        if not opt.get("new_protocol") or any(opt.get(k) != first.get(k) for k in same):
+            raise ValueError(f"results: expected runs with the same {list(same)} that scored "
+                             f"new observations under the protocol; got options {opt}")
+    pooled: dict[tuple[str, int], dict] = {}
+    for res in results:
+        for row in res["rows"]:
+            entry = pooled.setdefault((row["task"], row["budget"]), {
+                "task": row["task"], "budget": row["budget"], "xs": [], "c2st": [],
+                "c2st_quick": [], "val_losses": [], "runs": 0,
+                "published_npe": row.get("published_npe"),
+                "published_snpe": row.get("published_snpe")})
+            for obs in row.get("new_observations", []):
+                if obs["x"] in entry["xs"]:
+                    raise ValueError(f"{row['task']}: observation x = {obs['x']} appears in two "
+                                     f"runs; expected distinct observations")
+                entry["xs"].append(obs["x"])
+                entry["c2st"].append(obs["c2st"])
+                entry["c2st_quick"].append(obs["c2st_quick"])
+            entry["val_losses"].append(row["best_val_loss"])
+            entry["runs"] += 1
+    rows = []
+    for entry in pooled.values():
+        mean, se = mean_se(entry["c2st"])
+        quick, quick_se = mean_se(entry["c2st_quick"])
+        rows.append({"task": entry["task"], "budget": entry["budget"],
+                     "n_observations": len(entry["c2st"]), "runs": entry["runs"],
+                     "c2st_new_mean": mean, "c2st_new_se": se,
+                     "c2st_new_quick_mean": quick, "c2st_new_quick_se": quick_se,
+                     "same_network": len(set(entry["val_losses"])) == 1,
+                     "published_npe": entry["published_npe"],
+                     "published_snpe": entry["published_snpe"]})
+    means = {}
+    for b in sorted({r["budget"] for r in rows}):
+        rs = [r for r in rows if r["budget"] == b]
+        ses = [r["c2st_new_se"] or 0.0 for r in rs]
+        means[str(b)] = {"tasks": len(rs),
+                         "c2st_new_mean": float(np.mean([r["c2st_new_mean"] for r in rs])),
+                         "c2st_new_se": float(np.sqrt(np.sum(np.square(ses))) / len(rs)),
+                         "c2st_new_quick_mean": float(np.mean(
+                             [r["c2st_new_quick_mean"] for r in rs]))}
+    return {"rows": rows, "mean": means}
+
+
+def pooled_markdown(pooled: dict, sources: Sequence[str]) -> str:
+    """The table of `pool_new`."""
+    lines = ["# NPE on sbibm: observations of our own, pooled", "",
+             f"New observations of the runs {', '.join(sources)} pooled per task; C2ST under "
+             "the published protocol and the quick classifier, mean ± standard error over the "
+             "observations. Published: the paper's NPE and SNPE on its shared observations.", "",
+             "| task | simulations | observations | new, C2ST | new, quick C2ST | same network "
+             "in every run | published NPE | published SNPE |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    for r in pooled["rows"]:
+        se = "" if r["c2st_new_se"] is None else f" ± {r['c2st_new_se']:.3f}"
+        qse = "" if r["c2st_new_quick_se"] is None else f" ± {r['c2st_new_quick_se']:.3f}"
+        lines.append(f"| {r['task']} | {r['budget']} | {r['n_observations']} | "
+                     f"{r['c2st_new_mean']:.3f}{se} | {r['c2st_new_quick_mean']:.3f}{qse} | "
+                     f"{'yes' if r['same_network'] else 'no'} | {fmt(r['published_npe'])} | "
+                     f"{fmt(r['published_snpe'])} |")
+    for b, m in pooled["mean"].items():
+        rs = [r for r in pooled["rows"] if str(r["budget"]) == b]
+        npe = [r["published_npe"] for r in rs]
+        snpe = [r["published_snpe"] for r in rs]
+        lines.append(f"| **mean of {m['tasks']}** | {b} | "
+                     f"{sum(r['n_observations'] for r in rs)} | "
+                     f"**{m['c2st_new_mean']:.3f}** ± {m['c2st_new_se']:.3f} | "
+                     f"{m['c2st_new_quick_mean']:.3f} | | "
+                     f"{fmt(None if None in npe else float(np.mean(npe)))} | "
+                     f"{fmt(None if None in snpe else float(np.mean(snpe)))} |")
+    return "\n".join(lines) + "\n"
