@@ -97,6 +97,15 @@ def score_new(est, task_name: str, n: int, seed: int, draws: int = 10_000,
     return out
 
 
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _mean_or_dash(values: Sequence[float | None]) -> str:
+    """The formatted mean, or "—" where a value is missing."""
+    return _fmt(None if None in values else float(np.mean(values)))
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and standard error of the mean (None for a single value)."""
     se = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
@@ -282,9 +291,6 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|" + ("---|" if quick else "")
              + ("---|" if new_protocol else "") + ("---|" if new else "")]
 
-    def fmt(v):
-        return "—" if v is None else f"{v:.3f}"
-
     def fmt_new(r, tag="_quick"):
         if r.get(f"c2st_new{tag}_mean") is None:
             return "—"
@@ -294,10 +300,10 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         ms = 1000 * np.median([o["sample_10k_s"] for o in r["observations"]])
         lines.append(f"| {r['task']} | {r['budget']} | {r['c2st_mean']:.3f} | "
-                     + (f"{fmt(r.get('c2st_quick_mean'))} | " if quick else "")
+                     + (f"{_fmt(r.get('c2st_quick_mean'))} | " if quick else "")
                      + (f"{fmt_new(r, '')} | " if new_protocol else "")
                      + (f"{fmt_new(r)} | " if new else "")
-                     + f"{fmt(r['published_npe'])} | {fmt(r.get('published_snpe'))} | "
+                     + f"{_fmt(r['published_npe'])} | {_fmt(r.get('published_snpe'))} | "
                      f"{r['train_s']:.1f} | {_kept(r)} | {ms:.1f} |")
     budgets = sorted({r["budget"] for r in result["rows"]})
     tasks = {r["task"] for r in result["rows"]}
@@ -306,8 +312,7 @@ def markdown(result: dict) -> str:
             rs = [r for r in result["rows"] if r["budget"] == b]
 
             def avg(key, rs=rs):  # "—" where a row lacks the figure
-                vals = [r.get(key) for r in rs]
-                return fmt(None if None in vals else float(np.mean(vals)))
+                return _mean_or_dash([r.get(key) for r in rs])
 
             lines.append(f"| **mean of {len(rs)}** | {b} | {avg('c2st_mean')} | "
                          + (f"{avg('c2st_quick_mean')} | " if quick else "")
@@ -342,7 +347,7 @@ def pool_new(results: Sequence[dict]) -> dict:
         for row in res["rows"]:
             entry = pooled.setdefault((row["task"], row["budget"]), {
                 "task": row["task"], "budget": row["budget"], "xs": [], "c2st": [],
-                "c2st_quick": [], "val_losses": [], "runs": 0,
+                "c2st_quick": [], "val_losses": [],
                 "published_npe": row.get("published_npe"),
                 "published_snpe": row.get("published_snpe")})
             for obs in row.get("new_observations", []):
@@ -353,13 +358,13 @@ def pool_new(results: Sequence[dict]) -> dict:
                 entry["c2st"].append(obs["c2st"])
                 entry["c2st_quick"].append(obs["c2st_quick"])
             entry["val_losses"].append(row["best_val_loss"])
-            entry["runs"] += 1
     rows = []
     for entry in pooled.values():
         mean, se = mean_se(entry["c2st"])
         quick, quick_se = mean_se(entry["c2st_quick"])
         rows.append({"task": entry["task"], "budget": entry["budget"],
-                     "n_observations": len(entry["c2st"]), "runs": entry["runs"],
+                     "n_observations": len(entry["c2st"]),
+                     "runs": len(entry["val_losses"]),
                      "c2st_new_mean": mean, "c2st_new_se": se,
                      "c2st_new_quick_mean": quick, "c2st_new_quick_se": quick_se,
                      "same_network": len(set(entry["val_losses"])) == 1,
@@ -386,25 +391,19 @@ def pooled_markdown(pooled: dict, sources: Sequence[str]) -> str:
              "| task | simulations | observations | new, C2ST | new, quick C2ST | same network "
              "in every run | published NPE | published SNPE |",
              "|---|---|---|---|---|---|---|---|"]
-
-    def fmt(v):
-        return "—" if v is None else f"{v:.3f}"
-
     for r in pooled["rows"]:
         se = "" if r["c2st_new_se"] is None else f" ± {r['c2st_new_se']:.3f}"
         qse = "" if r["c2st_new_quick_se"] is None else f" ± {r['c2st_new_quick_se']:.3f}"
         lines.append(f"| {r['task']} | {r['budget']} | {r['n_observations']} | "
                      f"{r['c2st_new_mean']:.3f}{se} | {r['c2st_new_quick_mean']:.3f}{qse} | "
-                     f"{'yes' if r['same_network'] else 'no'} | {fmt(r['published_npe'])} | "
-                     f"{fmt(r['published_snpe'])} |")
+                     f"{'yes' if r['same_network'] else 'no'} | {_fmt(r['published_npe'])} | "
+                     f"{_fmt(r['published_snpe'])} |")
     for b, m in pooled["mean"].items():
         rs = [r for r in pooled["rows"] if str(r["budget"]) == b]
-        npe = [r["published_npe"] for r in rs]
-        snpe = [r["published_snpe"] for r in rs]
         lines.append(f"| **mean of {m['tasks']}** | {b} | "
                      f"{sum(r['n_observations'] for r in rs)} | "
                      f"**{m['c2st_new_mean']:.3f}** ± {m['c2st_new_se']:.3f} | "
                      f"{m['c2st_new_quick_mean']:.3f} | | "
-                     f"{fmt(None if None in npe else float(np.mean(npe)))} | "
-                     f"{fmt(None if None in snpe else float(np.mean(snpe)))} |")
+                     f"{_mean_or_dash([r['published_npe'] for r in rs])} | "
+                     f"{_mean_or_dash([r['published_snpe'] for r in rs])} |")
     return "\n".join(lines) + "\n"
