@@ -217,9 +217,23 @@ class AmortizedPosterior:
 
 def network_core(network: DistributionTransformer, task: _tasks.Task):
     """The unbatched map (padded prior, padded data) -> padded posterior that every inference
-    path runs. For translation-equivariant tasks (`task.translation_equivariant`), the prior is
-    shifted to zero mean and the data by `task.data_offset` first, and the posterior shifted
-    back: the network then only ever sees centred priors, wherever the state is."""
+    path runs.
+
+    - Translation-equivariant tasks (`task.translation_equivariant`): the prior is shifted to
+      zero mean and the data by `task.data_offset` first, and the posterior shifted back; the
+      network only ever sees centred priors, wherever the state is.
+    - Tasks with a canonical frame (`task.uses_frame`): the prior is turned by the orthogonal
+      map `task.network_frame` picks for it, the data are rewritten by `task.data_to_frame`,
+      and the posterior is turned back (see `to_frame`); training sees the same frame
+      (`frame_batch`).
+    """
+    if getattr(task, "uses_frame", False):
+        def framed(weights, means, scale_tril, cmask, data, dmask):
+            rot, m0, s0, x0 = to_frame(task, weights, means, scale_tril, cmask, data, dmask)
+            pw, pm, ps = network(weights, m0, s0, cmask, x0, dmask)
+            return pw, pm @ rot, _turn_tril(rot.T, ps)
+
+        return framed
     if not getattr(task, "translation_equivariant", False):
         return network.__call__
 
@@ -232,6 +246,43 @@ def network_core(network: DistributionTransformer, task: _tasks.Task):
         return pw, pm + c, ps
 
     return centred
+
+
+def _turn_tril(rot, scale_tril):
+    """Cholesky factors of rot L L^T rot^T for each L of a stack (K, d, d), from the QR
+    decomposition of (rot L)^T: the covariance is never formed, so narrow components keep
+    their precision."""
+    _, r = jnp.linalg.qr(jnp.swapaxes(jnp.einsum("ij,kjl->kil", rot, scale_tril), -1, -2))
+    sign = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+    return jnp.swapaxes(r, -1, -2) * sign[..., None, :]
+
+
+def to_frame(task: _tasks.Task, weights, means, scale_tril, cmask, data, dmask):
+    """One padded problem in the task's canonical frame: `(rot, means, scale_tril, data)` with
+    rot = `task.network_frame(weights, means, cmask)` (orthogonal, d x d), each component
+    turned by it (x -> rot x) and the data rewritten by `task.data_to_frame`. A posterior in
+    the frame goes back by x -> rot^T x. Padded components and rows stay as padding."""
+    rot, aux = task.network_frame(weights, means, cmask)
+    d = means.shape[-1]
+    m0 = jnp.where(cmask[:, None], means @ rot.T, 0.0)
+    s0 = jnp.where(cmask[:, None, None], _turn_tril(rot, scale_tril), jnp.eye(d))
+    x0 = jnp.where(dmask[:, None], task.data_to_frame(data, aux), 0.0)
+    return rot, m0, s0, x0
+
+
+def frame_batch(task: _tasks.Task, batch: _tasks.Batch) -> _tasks.Batch:
+    """A training batch in the canonical frame of `task` (unchanged for tasks without one):
+    priors, data and theta as the network sees them in `network_core`. An orthogonal map keeps
+    densities, so the loss is -log q(theta) in the user's coordinates."""
+    if not getattr(task, "uses_frame", False):
+        return batch
+
+    def one(b):
+        rot, m0, s0, x0 = to_frame(task, b.weights, b.means, b.scale_tril, b.cmask, b.data,
+                                   b.dmask)
+        return _tasks.Batch(b.weights, m0, s0, b.cmask, x0, b.dmask, rot @ b.theta)
+
+    return jax.vmap(one)(batch)
 
 
 def checkpoint_header(task: str, task_params: dict, model_config: DTConfig,

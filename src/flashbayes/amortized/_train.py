@@ -24,7 +24,7 @@ from flashbayes.amortized._checkpoint import (
     save_checkpoint,
 )
 from flashbayes.amortized._dt import ConfigDict, DistributionTransformer, DTConfig
-from flashbayes.amortized._model import AmortizedPosterior, checkpoint_header
+from flashbayes.amortized._model import AmortizedPosterior, checkpoint_header, frame_batch
 from flashbayes.amortized._parallel import (
     barrier,
     broadcast_from_main,
@@ -359,8 +359,9 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
     header = checkpoint_header(task.name, task_params, cfg.model_config(task), cfg.to_dict(),
                                0, None, key=key_list)
     network, meta = fit_network(
-        network, batch_loss, lambda k, b: task.sample_batch(k, b, state), cfg, key=k_data,
-        out_dir=out_dir, resume=resume, callback=callback, header=header, devices=devices)
+        network, batch_loss, lambda k, b: frame_batch(task, task.sample_batch(k, b, state)),
+        cfg, key=k_data, out_dir=out_dir, resume=resume, callback=callback, header=header,
+        devices=devices)
     meta = {"step": meta["step"], "train_config": meta["train_config"],
             "task_params": task_params, "train_seconds": meta["train_seconds"]}
     return AmortizedPosterior(network, task, meta=meta)

@@ -210,8 +210,9 @@ class NonlinearTracking(_DynamicMixin, Task):
                  k_max: int = 5, mean_range: tuple[float, float] = (-3.0, 3.0),
                  scale_range: tuple[float, float] = (0.2, 1.5), filter_steps: int = 100,
                  filtered_fraction: float = 0.7, empty_fraction: float = 0.1,
-                 bank_tracks: int = 512, max_range: float = 25.0):
+                 bank_tracks: int = 512, max_range: float = 25.0, canonical: bool = True):
         self._init_dynamics(dt, accel_sd)
+        self.canonical = bool(canonical)
         self.theta_dim, self.data_dim = 4, 2
         self.range_sd, self.bearing_sd = float(range_sd), float(bearing_sd)
         if not self.range_sd > 0 or not self.bearing_sd > 0:
@@ -278,6 +279,42 @@ class NonlinearTracking(_DynamicMixin, Task):
             return tuple(jnp.asarray(a[idx]) for a in bank)
 
         return self._cached_bank(key, build)
+
+    # -- the frame the network works in ---------------------------------------------------------
+    @property
+    def uses_frame(self) -> bool:
+        """Whether the network sees each problem in its canonical frame (`network_frame`)."""
+        return self.canonical
+
+    def network_frame(self, weights, means, cmask):
+        """The orthogonal map of the state (positions and velocities alike) that turns a prior
+        into its canonical frame, and what `data_to_frame` needs.
+
+        The model is invariant under rotations about the sensor and reflections through a line
+        through it. The map rotates the prior's mean position onto the positive x-axis, then
+        reflects through that axis if the mean velocity points below it: one prior of each
+        orbit of those maps reaches the network.
+        """
+        w = jnp.where(cmask, weights, 0.0)
+        c = jnp.sum((w / jnp.sum(w))[:, None] * jnp.where(cmask[:, None], means, 0.0), 0)
+        phi = jnp.arctan2(c[1], c[0])
+        cos, sin = jnp.cos(phi), jnp.sin(phi)
+        turn = jnp.array([[cos, sin], [-sin, cos]])  # turns angle phi to 0
+        sign = jnp.where((turn @ c[2:])[1] < 0, -1.0, 1.0)
+        turn = jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[1].multiply(sign) @ turn
+        return jnp.kron(jnp.eye(2), turn), (phi, sign, jnp.hypot(c[0], c[1]))
+
+    def data_to_frame(self, data, aux):
+        """Observations (range, bearing) rewritten, in the frame of `network_frame`, as the point
+        they put the target at, relative to the prior's mean position: rho(r) (cos b', sin b')
+        - (|c|, 0), with b' the bearing turned (and reflected) like the state and
+        rho(r) = range_sd * softplus(r / range_sd) > 0 (about r beyond one range_sd, and still
+        one-to-one for the negative ranges noise can give near the sensor). The map is
+        invertible given the prior, and is continuous across the bearing cut at +-pi."""
+        phi, sign, dist = aux
+        rho = self.range_sd * jax.nn.softplus(data[..., 0] / self.range_sd)
+        b = sign * (data[..., 1] - phi)
+        return jnp.stack([rho * jnp.cos(b) - dist, rho * jnp.sin(b)], -1)
 
     # -- likelihood ------------------------------------------------------------------------------
     def _simulate(self, key, theta, n):
