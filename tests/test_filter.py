@@ -14,7 +14,8 @@ def tiny_model(task_name="lti_tracking", seed=0, perturb=0.0):
     """An untrained network (its head starts at zero: the update returns the prior), or a
     randomly perturbed one (perturb > 0) whose updates are arbitrary."""
     task = fb.tasks.get(task_name)
-    net = DistributionTransformer(DTConfig(theta_dim=task.theta_dim, data_dim=task.data_dim,
+    net = DistributionTransformer(DTConfig(theta_dim=task.theta_dim,
+                                           data_dim=task.network_data_dim,
                                            d_model=16, n_layers=1, n_heads=2),
                                   key=jax.random.key(seed))
     if perturb:
@@ -217,7 +218,8 @@ def test_frame_of_the_nonlinear_task_trains_on_what_inference_answers():
     assert kept.sum() >= 8
     np.testing.assert_allclose(lp[kept], lq[kept], rtol=1e-4, atol=1e-3)
     assert abs(float(batch_loss(model.network, framed)) + lp.mean()) < 1e-4
-    frame = task.network_frame(np.ones(1), np.array([[-4.0, 0.01, 0.0, 1.0]]), np.ones(1, bool))
+    frame = task.network_frame(np.ones(1), np.array([[-4.0, 0.01, 0.0, 1.0]]),
+                               np.eye(4)[None], np.ones(1, bool))
     ab = np.asarray(task.data_to_frame(np.array([[4.0, 3.14], [4.0, -3.14]]), frame[1]))
     assert np.linalg.norm(ab[0] - ab[1]) < 0.02
     assert np.abs(ab).max() < 0.1  # the observation is where the prior's mean is
@@ -323,3 +325,33 @@ def test_static_task_window_paths_agree_and_roll_over():
     assert np.abs(a[119].means - a[0].means).max() > 1e-3
     blind = fb.filter(tiny_model("qubit_rabi"), p.prior, ys, key=jax.random.key(0))
     np.testing.assert_allclose(blind[119].means, p.prior.means, atol=1e-5)
+
+
+def test_qubit_outcomes_reach_the_network_as_features_that_keep_them(tmp_path):
+    """Each outcome (t, y) reaches the network as features at the prior's mean: t and y come
+    back exactly, and the signed decay-times-phase feature is the outcome's probability at the
+    prior mean (a wrong frequency fails the comparison). A model of such a task saves, loads
+    and answers in the user's data format."""
+    from flashbayes._padding import pad_prior
+
+    task = fb.tasks.get("qubit_rabi")
+    p = task.sample_problem(jax.random.key(3), n=30)
+    w, m, s, cm = (np.asarray(a) for a in pad_prior(p.prior, task.k_max))
+    _, aux = task.network_frame(w, m, s, cm)
+    f = np.asarray(task.data_to_frame(np.asarray(p.data, np.float32), aux))
+    assert f.shape == (30, task.network_data_dim)
+    np.testing.assert_allclose(f[:, 1] * task.t_max, p.data[:, 0], rtol=1e-6)
+    np.testing.assert_array_equal((f[:, 0] + 1) / 2, p.data[:, 1])
+    mean = np.asarray(p.prior.mean(), np.float32)
+    lik = [float(np.exp(task.log_likelihood(mean, p.data[i:i + 1]))) for i in range(30)]
+    np.testing.assert_allclose((1 - f[:, 5]) / 2, lik, atol=1e-4)
+    wrong = np.asarray(task.data_to_frame(np.asarray(p.data, np.float32),
+                                          ((aux[0][0] * 1.1, aux[0][1]), aux[1])))
+    assert np.abs((1 - wrong[:, 5]) / 2 - np.array(lik)).max() > 0.05
+
+    cfg = fb.TrainConfig(steps=2, batch_size=8, d_model=16, n_layers=1)
+    model = fb.train(task, cfg, key=jax.random.key(0))
+    assert (model.data_dim, model.network.config.data_dim) == (2, task.network_data_dim)
+    back = fb.load(model.save(tmp_path / "q.safetensors"))
+    a, b = model.posterior(p.prior, p.data), back.posterior(p.prior, p.data)
+    np.testing.assert_allclose(a.means, b.means, atol=1e-6)

@@ -72,7 +72,8 @@ class AmortizedPosterior:
 
     @property
     def data_dim(self) -> int:
-        return self.config.data_dim
+        """Values per data row, as the user gives them (the task's)."""
+        return self.task.data_dim
 
     def __repr__(self) -> str:
         return (f"AmortizedPosterior(task={self.task.name!r}, theta_dim={self.theta_dim}, "
@@ -259,10 +260,11 @@ def _turn_tril(rot, scale_tril):
 
 def to_frame(task: _tasks.Task, weights, means, scale_tril, cmask, data, dmask):
     """One padded problem in the task's canonical frame: `(rot, means, scale_tril, data)` with
-    rot = `task.network_frame(weights, means, cmask)` (orthogonal, d x d), each component
-    turned by it (x -> rot x) and the data rewritten by `task.data_to_frame`. A posterior in
-    the frame goes back by x -> rot^T x. Padded components and rows stay as padding."""
-    rot, aux = task.network_frame(weights, means, cmask)
+    rot = `task.network_frame(weights, means, scale_tril, cmask)` (orthogonal, d x d), each
+    component turned by it (x -> rot x) and the data rewritten by `task.data_to_frame` (rows of
+    `task.network_data_dim` values). A posterior in the frame goes back by x -> rot^T x.
+    Padded components and rows stay as padding."""
+    rot, aux = task.network_frame(weights, means, scale_tril, cmask)
     d = means.shape[-1]
     m0 = jnp.where(cmask[:, None], means @ rot.T, 0.0)
     s0 = jnp.where(cmask[:, None, None], _turn_tril(rot, scale_tril), jnp.eye(d))
@@ -335,7 +337,7 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
     params = load_tree(path, "params", params)
     network = eqx.combine(params, static)
     if (network.config.theta_dim, network.config.data_dim) != (task_obj.theta_dim,
-                                                               task_obj.data_dim):
+                                                               task_obj.network_data_dim):
         raise CheckpointError(f"checkpoint: model dimensions do not match task {name!r}")
     meta = {k: header.get(k) for k in ("step", "train_config", "task_params", "train_seconds")}
     meta["path"] = str(path)

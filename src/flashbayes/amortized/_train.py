@@ -95,7 +95,8 @@ class TrainConfig(ConfigDict):
                              f"{self.d_model}")
 
     def model_config(self, task: _tasks.Task) -> DTConfig:
-        return DTConfig(theta_dim=task.theta_dim, data_dim=task.data_dim, d_model=self.d_model,
+        return DTConfig(theta_dim=task.theta_dim, data_dim=task.network_data_dim,
+                        d_model=self.d_model,
                         n_layers=self.n_layers, n_heads=self.n_heads, mlp_ratio=self.mlp_ratio,
                         data_layers=self.data_layers, n_scale=float(max(task.n_max, 1)))
 

@@ -155,6 +155,15 @@ class Task:
     n_max: int
     k_max: int
     has_exact: bool = False
+    # a task may have the network work in a canonical frame of each problem: it then sets
+    # `uses_frame` and implements `network_frame` and `data_to_frame` (see
+    # `flashbayes.amortized._model.to_frame`)
+    uses_frame: bool = False
+
+    @property
+    def network_data_dim(self) -> int:
+        """Values per data row as the network reads them (`data_to_frame` may rewrite rows)."""
+        return self.data_dim
 
     # -- to implement ------------------------------------------------------------------------
     def prepare(self, key: Array) -> Any:

@@ -286,7 +286,7 @@ class NonlinearTracking(_DynamicMixin, Task):
         """Whether the network sees each problem in its canonical frame (`network_frame`)."""
         return self.canonical
 
-    def network_frame(self, weights, means, cmask):
+    def network_frame(self, weights, means, scale_tril, cmask):
         """The orthogonal map of the state (positions and velocities alike) that turns a prior
         into its canonical frame, and what `data_to_frame` needs.
 

@@ -58,8 +58,10 @@ class QubitRabi(Task):
     def __init__(self, *, omega_range: tuple[float, float] = (0.5, 3.0),
                  t2_range: tuple[float, float] = (2.0, 10.0),
                  scale_range: tuple[float, float] = (0.005, 0.3), t_max: float = 10.0,
-                 n_min: int = 0, n_max: int = 50, k_min: int = 1, k_max: int = 5):
+                 n_min: int = 0, n_max: int = 50, k_min: int = 1, k_max: int = 5,
+                 canonical: bool = True):
         self.theta_dim, self.data_dim = 2, 2
+        self.canonical = bool(canonical)
         self.omega_range = tuple(float(v) for v in omega_range)
         self.t2_range = tuple(float(v) for v in t2_range)
         self.scale_range = tuple(float(v) for v in scale_range)
@@ -84,6 +86,42 @@ class QubitRabi(Task):
         tril = jnp.where(cmask[:, None, None], tril, jnp.eye(2))
         means = jnp.where(cmask[:, None], means, 0.0)
         return w, means, tril, cmask, None
+
+    # -- what the network reads ------------------------------------------------------------------
+    @property
+    def uses_frame(self) -> bool:
+        """Whether each outcome reaches the network as features of the prior (`data_to_frame`)."""
+        return self.canonical
+
+    @property
+    def network_data_dim(self) -> int:
+        return 9 if self.canonical else self.data_dim
+
+    def network_frame(self, weights, means, scale_tril, cmask):
+        """No turn of theta (the identity); the prior's overall mean and sd of (omega, T2),
+        which `data_to_frame` reads."""
+        w = jnp.where(cmask, weights, 0.0)
+        w = w / jnp.sum(w)
+        m = jnp.sum(w[:, None] * jnp.where(cmask[:, None], means, 0.0), 0)
+        second = jnp.einsum("k,kij->ij", w, scale_tril @ jnp.swapaxes(scale_tril, -1, -2)
+                            + means[:, :, None] * means[:, None, :])
+        sd = jnp.sqrt(jnp.maximum(jnp.diagonal(second) - m**2, 1e-12))
+        return jnp.eye(2), (m, sd)
+
+    def data_to_frame(self, data, aux):
+        """Each outcome (t, y) as nine features at the prior's overall mean (omega_0, T2_0)
+        and sd (s_omega, s_T2), with s = 2 y - 1, D = exp(-t / T2_0) and phase omega_0 t:
+        s, t / t_max, D, cos and sin of the phase, s D cos, s D sin, the phase spread
+        s_omega t and the decay's sensitivity D t s_T2 / T2_0^2. The outcome and the time are
+        among them, so the map loses nothing; the rest saves the network from learning
+        cos(omega t) of raw numbers."""
+        (m_omega, m_t2), (s_omega, s_t2) = aux
+        t, s = data[..., 0], 2.0 * data[..., 1] - 1.0
+        t2 = jnp.maximum(m_t2, 1e-3)
+        decay = jnp.exp(-t / t2)
+        cos, sin = jnp.cos(m_omega * t), jnp.sin(m_omega * t)
+        return jnp.stack([s, t / self.t_max, decay, cos, sin, s * decay * cos, s * decay * sin,
+                          s_omega * t, decay * t * s_t2 / t2**2], -1)
 
     def _simulate(self, key, theta, n):
         kt, ky = jax.random.split(key)
