@@ -27,7 +27,10 @@ SECTIONS = [
     ("filtering.md", "Sequential inference",
      "From `python benchmarks/filtering.py` (`benchmarks/results/filtering.json`); see "
      "docs/filtering.md for the models and the references."),
-    ("filtering_nonlinear.md", "Nonlinear tracking (model not shipped)",
+    ("filtering_qubit.md", "Qubit parameter inference",
+     "From `python benchmarks/filtering.py --only qubit --qubit CHECKPOINT` "
+     "(`benchmarks/results/filtering_qubit.json`); see docs/filtering.md."),
+    ("filtering_nonlinear.md", "Nonlinear tracking",
      "From `python benchmarks/filtering_nonlinear.py --model CHECKPOINT` "
      "(`benchmarks/results/filtering_nonlinear.json`); see docs/nonlinear_tracking.md."),
     ("serve_load.md", "The posterior service under load",

@@ -9,7 +9,9 @@ outcome; full-rank VI on the final data for comparison; the time of the whole am
 sequence against NUTS rerun after every outcome (warm, same process), on `--nuts-sequences`
 sequences.
 
-    python benchmarks/filtering.py [--lti PATH] [--qubit PATH]
+    python benchmarks/filtering.py [--lti PATH] [--qubit PATH] [--only lti|qubit]
+
+With `--only qubit` the results go to results/filtering_qubit.* (the lti results stay).
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def main() -> None:
     if not args.no_save:
         from _docs import save
 
-        save("filtering", res, md)
+        # the qubit part alone goes to its own file, so the lti results stay as they are
+        save("filtering_qubit" if args.only == "qubit" else "filtering", res, md)
 
 
 if __name__ == "__main__":
