@@ -347,7 +347,7 @@ def load(path: str | os.PathLike, *, task: str | None = None) -> AmortizedPoster
 # Distribution Transformers (prior and data in, posterior out), then GP predictive networks
 # (context points and query inputs in, posterior predictive out)
 DT_PRETRAINED = ("gmm_linear", "gaussian_variance", "logistic_regression", "lti_tracking",
-                 "nonlinear_tracking", "sbi_gaussian_linear")
+                 "nonlinear_tracking", "qubit_rabi", "sbi_gaussian_linear")
 GP_PRETRAINED = ("gp_hyperprior_pfn", "gp_hyperprior_dt")
 PRETRAINED = DT_PRETRAINED + GP_PRETRAINED
 
