@@ -292,22 +292,28 @@ def test_cli_filter_runs_with_plot_json_and_missing_rows(tmp_path):
     assert res.exit_code == 2 and "--baseline" in res.output
 
 
+def _gaps_to_reference(name, reference, seeds):
+    """Per track of 100 steps: the mean NLL of the true state under the shipped model `name`,
+    and under a blind filter (the untrained network), minus that under the reference filter."""
+    model = fb.load_pretrained(name)
+    task = model.task
+    blind = tiny_model(name)
+    gaps, gaps_blind = [], []
+    for seed in seeds:
+        prior, xs, ys = track(task, seed=seed, steps=100)
+        ref = -fb.filter(reference, prior, ys, key=jax.random.key(0), task=task).log_prob(xs)
+        for filt, out in ((model, gaps), (blind, gaps_blind)):
+            out.append(np.mean(-fb.filter(filt, prior, ys, key=jax.random.key(0)).log_prob(xs)
+                               - ref))
+    return gaps, gaps_blind
+
+
 @pytest.mark.slow
 def test_shipped_lti_model_tracks_like_the_exact_filter_and_wrong_filter_fails():
     """Over 10 held-out tracks of 100 steps the shipped model's NLL of the true state is within
     0.1 nats/step of the exact filter (the benchmark's target is 0.05 over 200 tracks); the
     same check fails for a filter that ignores the observations (the untrained network)."""
-    model = fb.load_pretrained("lti_tracking")
-    task = model.task
-    blind = tiny_model()
-    gaps, gaps_blind = [], []
-    for seed in range(10):
-        prior, xs, ys = track(task, seed=1000 + seed, steps=100)
-        exact = -fb.filter("kalman", prior, ys, key=jax.random.key(0), task=task).log_prob(xs)
-        ours = -fb.filter(model, prior, ys, key=jax.random.key(0)).log_prob(xs)
-        gaps.append(np.mean(ours - exact))
-        gaps_blind.append(np.mean(-fb.filter(blind, prior, ys, key=jax.random.key(0))
-                                  .log_prob(xs) - exact))
+    gaps, gaps_blind = _gaps_to_reference("lti_tracking", "kalman", range(1000, 1010))
     assert abs(np.mean(gaps)) < 0.1, gaps
     assert np.mean(gaps_blind) > 0.1, gaps_blind
 
@@ -318,17 +324,7 @@ def test_shipped_nonlinear_model_tracks_like_the_unscented_filter_and_a_blind_on
     state is within 0.25 nats/step of the Gaussian-sum UKF's (the benchmark measures it against
     a 10^4-particle filter on 80 tracks); the same check fails for a filter that ignores the
     observations (the untrained network: the transition alone)."""
-    model = fb.load_pretrained("nonlinear_tracking")
-    task = model.task
-    blind = tiny_model("nonlinear_tracking")
-    gaps, gaps_blind = [], []
-    for seed in range(8):
-        prior, xs, ys = track(task, seed=2000 + seed, steps=100)
-        ukf = -fb.filter("ukf", prior, ys, key=jax.random.key(0), task=task).log_prob(xs)
-        ours = -fb.filter(model, prior, ys, key=jax.random.key(0)).log_prob(xs)
-        gaps.append(np.mean(ours - ukf))
-        gaps_blind.append(np.mean(-fb.filter(blind, prior, ys, key=jax.random.key(0))
-                                  .log_prob(xs) - ukf))
+    gaps, gaps_blind = _gaps_to_reference("nonlinear_tracking", "ukf", range(2000, 2008))
     assert np.mean(gaps) < 0.25, gaps
     assert np.mean(gaps_blind) > 0.25, gaps_blind
 

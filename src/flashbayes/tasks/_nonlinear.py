@@ -301,7 +301,7 @@ class NonlinearTracking(_DynamicMixin, Task):
         cos, sin = jnp.cos(phi), jnp.sin(phi)
         turn = jnp.array([[cos, sin], [-sin, cos]])  # turns angle phi to 0
         sign = jnp.where((turn @ c[2:])[1] < 0, -1.0, 1.0)
-        turn = jnp.array([[1.0, 0.0], [0.0, 1.0]]).at[1].multiply(sign) @ turn
+        turn = turn * jnp.stack([jnp.ones_like(sign), sign])[:, None]  # reflect: flip row 2
         return jnp.kron(jnp.eye(2), turn), (phi, sign, jnp.hypot(c[0], c[1]))
 
     def data_to_frame(self, data, aux):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashbayes.distributions import gmm_moments
 from flashbayes.tasks._base import Task, register, sample_gmm_family
 
 _EPS = 1e-6  # outcome probabilities are kept in [eps, 1 - eps]
@@ -101,12 +102,8 @@ class QubitRabi(Task):
         """No turn of theta (the identity); the prior's overall mean and sd of (omega, T2),
         which `data_to_frame` reads."""
         w = jnp.where(cmask, weights, 0.0)
-        w = w / jnp.sum(w)
-        m = jnp.sum(w[:, None] * jnp.where(cmask[:, None], means, 0.0), 0)
-        second = jnp.einsum("k,kij->ij", w, scale_tril @ jnp.swapaxes(scale_tril, -1, -2)
-                            + means[:, :, None] * means[:, None, :])
-        sd = jnp.sqrt(jnp.maximum(jnp.diagonal(second) - m**2, 1e-12))
-        return jnp.eye(2), (m, sd)
+        m, cov = gmm_moments(w / jnp.sum(w), jnp.where(cmask[:, None], means, 0.0), scale_tril)
+        return jnp.eye(2), (m, jnp.sqrt(jnp.maximum(jnp.diagonal(cov), 1e-12)))
 
     def data_to_frame(self, data, aux):
         """Each outcome (t, y) as nine features at the prior's overall mean (omega_0, T2_0)
