@@ -48,6 +48,18 @@ def test_train_tiny(tmp_path):
     assert (tmp_path / "run" / "ckpt_00000002.safetensors").is_file()
 
 
+def test_train_init_fine_tunes_a_model_in_its_shape(tmp_path, tiny_model_path):
+    # --init takes the network's shape from the model it starts from
+    res = _run("train", "gmm_linear", "--out", tmp_path / "ft", "--steps", 2, "--batch-size", 4,
+               "--init", tiny_model_path)
+    assert res.exit_code == 0, res.output
+    tuned = fb_load(tmp_path / "ft" / "model.safetensors")
+    assert tuned.network.config == fb_load(tiny_model_path).network.config
+    res = _run("train", "gmm_linear", "--out", tmp_path / "x", "--steps", 2, "--init",
+               tmp_path / "nothing.safetensors")
+    assert res.exit_code != 0 and "no such file" in res.output
+
+
 @pytest.mark.slow
 def test_train_resumes_and_reads_a_config_file(tmp_path):
     res = _run("train", "gmm_linear", "--out", tmp_path / "run", "--steps", 3, "--batch-size",

@@ -135,8 +135,10 @@ def test_filter_arguments_are_validated():
     prior, _, ys = track(model.task, steps=3)
     with pytest.raises(TypeError, match="PRNG key"):
         fb.filter(model, prior, ys, key=0)
-    with pytest.raises(ValueError, match="'scan' or 'step'"):
+    with pytest.raises(ValueError, match="'scan', 'parallel' or 'step'"):
         fb.filter(model, prior, ys, key=jax.random.key(0), method="fast")
+    with pytest.raises(ValueError, match="moves its state"):  # a moving state needs each step
+        fb.filter(model, prior, ys, key=jax.random.key(0), method="parallel")
     with pytest.raises(ValueError, match="task"):
         fb.filter("kalman", prior, ys, key=jax.random.key(0))
     with pytest.raises(ValueError, match="filter: expected one of"):
@@ -331,8 +333,9 @@ def test_shipped_nonlinear_model_tracks_like_the_unscented_filter_and_a_blind_on
 
 def test_static_task_window_paths_agree_and_roll_over():
     """A static task conditions its anchor prior on all outcomes so far; past the window the
-    posterior becomes the new anchor. Scan, step and stream agree on 120 outcomes (> 2 windows),
-    and an untrained network returns the prior throughout."""
+    posterior becomes the new anchor. The parallel path (the default here: each window's steps
+    side by side), the scan and the step path agree on 120 outcomes (> 2 windows), and an
+    untrained network returns the prior throughout."""
     model = tiny_model("qubit_rabi", perturb=0.05)
     task = model.task
     p = task.sample_problem(jax.random.key(5), n=1)
@@ -340,9 +343,13 @@ def test_static_task_window_paths_agree_and_roll_over():
                                    120), np.float64)
     ys[7] = np.nan  # a missing outcome
     a = fb.filter(model, p.prior, ys, key=jax.random.key(0))
+    assert a.info["method"] == "parallel"
     b = fb.filter(model, p.prior, ys, key=jax.random.key(0), method="step")
-    for t in (0, 7, 49, 50, 51, 119):
-        np.testing.assert_allclose(a[t].means, b[t].means, rtol=1e-5, atol=1e-5)
+    c = fb.filter(model, p.prior, ys, key=jax.random.key(0), method="scan")
+    for t in (0, 7, 15, 16, 49, 50, 51, 99, 100, 119):
+        for other in (b[t], c[t]):
+            np.testing.assert_allclose(a[t].means, other.means, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(a[t].weights, other.weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a[7].means, a[6].means, atol=1e-6)  # nothing new at step 8
     assert np.abs(a[119].means - a[0].means).max() > 1e-3
     blind = fb.filter(tiny_model("qubit_rabi"), p.prior, ys, key=jax.random.key(0))

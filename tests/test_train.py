@@ -112,6 +112,37 @@ def test_checkpoint_errors(tmp_path, tiny_model_path):
         fb.load(nohead)
 
 
+def test_init_starts_from_a_models_weights(tmp_path, tiny_model_path, tiny_cfg):
+    """Fine-tuning: `init` starts the run from a model's weights (a step at a vanishing
+    learning rate leaves them as they were, where a fresh run's differ), the checkpoints record
+    the starting weights' digest, and a resume from other starting weights, another task or
+    another network shape is refused."""
+    from flashbayes.amortized._checkpoint import read_header
+    from flashbayes.amortized._train import params_digest
+
+    base = fb.load(tiny_model_path)
+    cfg = fb.TrainConfig(steps=2, batch_size=8, d_model=16, n_layers=1, n_heads=2,
+                         warmup_steps=0, learning_rate=1e-12, checkpoint_every=1)
+    tuned = fb.train("gmm_linear", cfg, key=jax.random.key(7), out_dir=tmp_path / "ft",
+                     init=base)
+    fresh = fb.train("gmm_linear", cfg, key=jax.random.key(7))
+    for x, y, z in zip(_params(tuned), _params(base), _params(fresh)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert max(np.abs(y - z).max() for y, z in zip(_params(base), _params(fresh))) > 1e-2
+    header = read_header(tmp_path / "ft" / "ckpt_00000002.safetensors")
+    assert header["init_sha256"] == params_digest(base.network) != params_digest(fresh.network)
+    with pytest.raises(CheckpointError, match="other starting weights"):
+        fb.train("gmm_linear", cfg, key=jax.random.key(7), out_dir=tmp_path / "ft",
+                 resume=True, init=fresh)
+    with pytest.raises(ValueError, match="network of shape"):
+        fb.train("gmm_linear", fb.TrainConfig(steps=1, d_model=32, n_layers=1, n_heads=2),
+                 key=jax.random.key(7), init=base)
+    with pytest.raises(ValueError, match="task 'gmm_linear' with parameters"):
+        fb.train(GMMLinear(noise_sd=1.25), cfg, key=jax.random.key(7), init=base)
+    with pytest.raises(TypeError, match="AmortizedPosterior"):
+        fb.train("gmm_linear", cfg, key=jax.random.key(7), init=str(tiny_model_path))
+
+
 class _NaNTask(GMMLinear):
     """gmm_linear whose simulator returns NaN data with probability `p_bad` per batch."""
 

@@ -127,6 +127,7 @@ class AmortizedFilter:
         dynamic = getattr(task, "dynamic", False)
         self.window = 1 if dynamic else task.n_max
         self.rows = size_bucket(self.window)
+        self.row_groups = (16,)  # run_parallel: steps reading <= 16 rows go in one call
         core = model.core
         window = self.window
 
@@ -163,6 +164,10 @@ class AmortizedFilter:
         self._step = jax.jit(step)
         self._batched = jax.jit(jax.vmap(step))
         self._scan = jax.jit(lambda state, ys, obs: jax.lax.scan(step, state, (ys, obs))[1])
+        # one anchor, many data masks: the posteriors of a window's steps side by side
+        self._window_batch = jax.jit(jax.vmap(
+            lambda aw, am, as_, acm, buf, dmask: prune(*core(aw, am, as_, acm, buf, dmask), acm),
+            in_axes=(None, None, None, None, None, 0)))
 
     # -- conversions ------------------------------------------------------------------------
     def initial_state(self, prior: GMM):
@@ -197,6 +202,63 @@ class AmortizedFilter:
     def run(self, state, ys: np.ndarray, observed: np.ndarray):
         """All steps in one compiled scan; returns the stacked posteriors (T, ...)."""
         return self._scan(state, jnp.asarray(ys, jnp.float32), jnp.asarray(observed, bool))
+
+    def run_parallel(self, state, ys: np.ndarray, observed: np.ndarray):
+        """All steps of a static task, the steps of each window side by side.
+
+        Within a window every posterior is the network's answer for the window's anchor and the
+        observations since it, so the steps do not wait for each other: each window is one or
+        two batched calls (steps grouped by how many rows they read, so early steps do not pay
+        for the full window), and only the windows run in turn. The answers are those of `run`
+        (the same network calls); returns the stacked posteriors (T, ...) as numpy arrays.
+        """
+        if self.window == 1:
+            raise ValueError(f"run_parallel: expected a static task; {self.task.name!r} moves "
+                             "its state, so each step needs the one before (use run)")
+        ys = np.asarray(ys, np.float32)
+        observed = np.asarray(observed, bool)
+        post = tuple(np.asarray(a) for a in state[:4])
+        anchor = tuple(np.asarray(a) for a in state[4:8])
+        buf = np.array(state[8], np.float32)
+        cnt = int(state[9])
+        out: list[list[np.ndarray]] = [[], [], [], []]
+        t, total = 0, len(ys)
+        while t < total:
+            if cnt >= self.window:  # as in `step`: the posterior so far becomes the anchor
+                anchor, buf, cnt = post, np.zeros_like(buf), 0
+            counts = []
+            while t < total:
+                if observed[t]:
+                    buf[cnt] = ys[t]
+                    cnt += 1
+                counts.append(cnt)
+                t += 1
+                if cnt >= self.window:
+                    break
+            parts = self._window_posteriors(anchor, buf, np.asarray(counts))
+            for acc, part in zip(out, parts):
+                acc.append(part)
+            post = tuple(a[-1] for a in parts)
+        return tuple(np.concatenate(acc) for acc in out)
+
+    def _window_posteriors(self, anchor, buf: np.ndarray, counts: np.ndarray):
+        # steps grouped by the rows they read (`row_groups`, then the whole window), so early
+        # steps do not pay for the full window; each group padded to a multiple of 4 steps so
+        # the compiled shapes stay few
+        parts, lo = [], 0
+        for limit in (*self.row_groups, self.window):
+            hi = int(np.searchsorted(counts, min(limit, self.window), side="right"))
+            if hi == lo:
+                continue
+            group = counts[lo:hi]
+            rows = min(limit, self.window)
+            width = -(-len(group) // 4) * 4
+            padded = np.concatenate([group, np.full(width - len(group), group[-1])])
+            dmask = np.arange(rows)[None, :] < padded[:, None]
+            res = self._window_batch(*anchor, jnp.asarray(buf[:rows]), jnp.asarray(dmask))
+            parts.append([np.asarray(a)[:len(group)] for a in res])
+            lo = hi
+        return [np.concatenate(p) for p in zip(*parts)]
 
 
 def _filter_of(model) -> AmortizedFilter:
@@ -278,7 +340,7 @@ class Stream:
 
 
 def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
-           method: str = "scan", task: Any = None, **options: Any) -> FilterResult:
+           method: str = "auto", task: Any = None, **options: Any) -> FilterResult:
     """Filter a sequence: the posterior over the current state after each observation.
 
     The prior is over the initial state x_0 and the first observation is y_1. For tasks whose
@@ -292,8 +354,10 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
         prior: a `GMM` over the initial state.
         observations: (T, data_dim) array.
         key: PRNG key (used by stochastic filters; the amortized filter is deterministic).
-        method: amortized models only: "scan" (one compiled loop) or "step" (one call per
-            observation, as a stream does); both give the same answer.
+        method: amortized models only, all giving the same answer: "scan" (one compiled
+            loop), "step" (one call per observation, as a stream does), "parallel" (static
+            tasks: the steps of each window side by side, see `AmortizedFilter.run_parallel`),
+            or "auto" (default: "parallel" for static tasks, "scan" for moving states).
         task: for reference filters, the task (name or object).
         **options: passed to the reference filter (e.g. `num_particles`).
 
@@ -339,8 +403,11 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
     ys, observed = validate_observations(observations, model.task.data_dim)
     state = flt.initial_state(prior)
     t0 = time.perf_counter()
-    if method == "scan":
-        stacked = [np.asarray(a) for a in flt.run(state, ys, observed)]
+    if method == "auto":
+        method = "scan" if flt.window == 1 else "parallel"
+    if method in ("scan", "parallel"):
+        run = flt.run if method == "scan" else flt.run_parallel
+        stacked = [np.asarray(a) for a in run(state, ys, observed)]
         posts = [AmortizedFilter.to_gmm(tuple(a[t] for a in stacked)) for t in range(len(ys))]
     elif method == "step":
         posts = []
@@ -348,7 +415,8 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
             state = flt.step(state, y, bool(o))
             posts.append(AmortizedFilter.to_gmm(state))
     else:
-        raise ValueError(f"method: expected 'scan' or 'step'; got {method!r}")
+        raise ValueError(f"method: expected 'auto', 'scan', 'parallel' or 'step'; got "
+                         f"{method!r}")
     return FilterResult(posts, {"method": method, "seconds": time.perf_counter() - t0,
                                 "steps": len(ys)})
 

@@ -221,6 +221,9 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
           config: Annotated[Path | None, typer.Option(
               help="JSON file of TrainConfig fields (command-line options win)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+          init: Annotated[str | None, typer.Option(
+              help="start from the weights of this model (checkpoint path or shipped name) with "
+                   "a fresh warm-up and decay: fine-tuning")] = None,
           d_model: Annotated[int | None, typer.Option(help="token width")] = None,
           n_layers: Annotated[int | None, typer.Option(help="transformer blocks")] = None,
           devices: Annotated[int | None, typer.Option(
@@ -280,6 +283,11 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
     given = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
              "checkpoint_every": checkpoint_every, "d_model": d_model, "n_layers": n_layers}
     fields.update({k: v for k, v in given.items() if v is not None})
+    start = None
+    if init is not None:
+        start = _load_model(init, task)
+        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio", "data_layers"):
+            fields.setdefault(name, getattr(start.network.config, name))
     try:
         cfg = fb.TrainConfig.from_dict(fields)
     except (TypeError, ValueError) as exc:
@@ -301,7 +309,7 @@ def train(task: Annotated[str, typer.Argument(help="task name (see `flashbayes t
 
         try:
             model = fb.train(task, cfg, key=jax.random.key(seed), out_dir=out, resume=resume,
-                             callback=callback, devices=mesh_devices)
+                             callback=callback, devices=mesh_devices, init=start)
         except (DistributedError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
     if not group.is_main:

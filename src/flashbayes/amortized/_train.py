@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -149,6 +151,7 @@ _RESUME_MISMATCH = {
     "train_config": "with another train config; resume with the same settings",
     "key": "with another key (seed); resume with the same key",
     "task_params": "for other task parameters",
+    "init_sha256": "from other starting weights (--init)",
 }
 _VOLATILE = ("step", "train_seconds", "format_version", "devices", "processes", "loss")
 
@@ -322,10 +325,34 @@ def fit_network(network: eqx.Module, loss_fn: Callable[[eqx.Module, Any], jax.Ar
     return fitted, meta
 
 
+def params_digest(network: eqx.Module) -> str:
+    """SHA-256 of a network's weights (float32 bytes, in tree order)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(network, eqx.is_array)):
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def _initial_network(init: Any, task: str, task_params: dict,
+                     config: DTConfig) -> DistributionTransformer:
+    if not isinstance(init, AmortizedPosterior):
+        raise TypeError(f"init: expected an AmortizedPosterior (fb.load or fb.load_pretrained); "
+                        f"got {type(init).__name__}")
+    found = (init.task.name, _tasks.task_params(init.task))
+    if json.dumps(found, sort_keys=True) != json.dumps((task, task_params), sort_keys=True):
+        raise ValueError(f"init: expected a model of task {task!r} with parameters "
+                         f"{task_params}; got {found[0]!r} with {found[1]}")
+    if init.network.config != config:
+        raise ValueError(f"init: expected a network of shape {config.to_dict()}; got "
+                         f"{init.network.config.to_dict()}")
+    return init.network
+
+
 def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: jax.Array,
           out_dir: str | Path | None = None, resume: bool = False,
           callback: Callable[[TrainEvent], Any] | None = None,
-          devices: int | Sequence[Any] | None = 1) -> AmortizedPosterior:
+          devices: int | Sequence[Any] | None = 1,
+          init: AmortizedPosterior | None = None) -> AmortizedPosterior:
     """Train a Distribution Transformer on endless synthetic batches of `task`.
 
     Args:
@@ -337,6 +364,10 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
             uninterrupted run with the same key and config.
         callback: receives a `TrainEvent` every `log_every` steps; training never prints.
         devices: data-parallel devices (see `fit_network`): 1, N, None for all, or a list.
+        init: a model of the same task (same task parameters) and network shape whose weights
+            start the run instead of fresh ones: fine-tuning with a new warm-up and decay. The
+            checkpoints record the starting weights' digest, so a resume must start from the
+            same weights.
 
     Returns:
         The trained model.
@@ -356,9 +387,13 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
     k_init, k_data, k_prep = jax.random.split(key, 3)
     key_list = np.asarray(jax.random.key_data(key)).tolist()
     network = DistributionTransformer(cfg.model_config(task), key=k_init)
+    extra = {}
+    if init is not None:
+        network = _initial_network(init, task.name, task_params, cfg.model_config(task))
+        extra["init_sha256"] = params_digest(network)
     state = task.prepare(k_prep)
     header = checkpoint_header(task.name, task_params, cfg.model_config(task), cfg.to_dict(),
-                               0, None, key=key_list)
+                               0, None, key=key_list, **extra)
     network, meta = fit_network(
         network, batch_loss, lambda k, b: frame_batch(task, task.sample_batch(k, b, state)),
         cfg, key=k_data, out_dir=out_dir, resume=resume, callback=callback, header=header,
