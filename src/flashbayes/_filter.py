@@ -210,7 +210,8 @@ class AmortizedFilter:
         observations since it, so the steps do not wait for each other: each window is one or
         two batched calls (steps grouped by how many rows they read, so early steps do not pay
         for the full window), and only the windows run in turn. The answers are those of `run`
-        (the same network calls); returns the stacked posteriors (T, ...) as numpy arrays.
+        to float32 rounding (the same network on fewer padded rows); returns the stacked
+        posteriors (T, ...) as numpy arrays.
         """
         if self.window == 1:
             raise ValueError(f"run_parallel: expected a static task; {self.task.name!r} moves "
