@@ -386,14 +386,16 @@ def train(task: _tasks.Task | str, config: TrainConfig | None = None, *, key: ja
         raise TypeError(f"config: expected a TrainConfig; got {type(cfg).__name__}")
     k_init, k_data, k_prep = jax.random.split(key, 3)
     key_list = np.asarray(jax.random.key_data(key)).tolist()
-    network = DistributionTransformer(cfg.model_config(task), key=k_init)
+    net_cfg = cfg.model_config(task)
     extra = {}
-    if init is not None:
-        network = _initial_network(init, task.name, task_params, cfg.model_config(task))
+    if init is None:
+        network = DistributionTransformer(net_cfg, key=k_init)
+    else:  # fine-tuning: the starting weights replace fresh ones
+        network = _initial_network(init, task.name, task_params, net_cfg)
         extra["init_sha256"] = params_digest(network)
     state = task.prepare(k_prep)
-    header = checkpoint_header(task.name, task_params, cfg.model_config(task), cfg.to_dict(),
-                               0, None, key=key_list, **extra)
+    header = checkpoint_header(task.name, task_params, net_cfg, cfg.to_dict(), 0, None,
+                               key=key_list, **extra)
     network, meta = fit_network(
         network, batch_loss, lambda k, b: frame_batch(task, task.sample_batch(k, b, state)),
         cfg, key=k_data, out_dir=out_dir, resume=resume, callback=callback, header=header,
