@@ -356,6 +356,35 @@ def test_static_task_window_paths_agree_and_roll_over():
     np.testing.assert_allclose(blind[119].means, p.prior.means, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_parallel_path_with_fewer_components_than_the_model_holds(k):
+    """The parallel path runs only the anchor's real components and packs the steps' data sets
+    two to a sequence; with 1, 2 and 5 (all) of the model's 5 components it gives the scan's
+    posteriors, padding included, over 60 outcomes (two windows, missing outcomes among them)."""
+    from flashbayes._filter import _filter_of
+
+    model = tiny_model("qubit_rabi", perturb=0.05)
+    task = model.task
+    p = task.sample_problem(jax.random.key(8), n=1)
+    q = p.prior
+    reps = -(-k // q.n_components)
+    prior = fb.GMM(np.tile(q.weights, reps)[:k] / np.tile(q.weights, reps)[:k].sum(),
+                   (np.tile(q.means, (reps, 1))[:k] + 0.05 * np.arange(k)[:, None]),
+                   np.tile(q.scale_tril, (reps, 1, 1))[:k])
+    ys = np.asarray(task._simulate(jax.random.key(9), jax.numpy.asarray(p.theta, "float32"),
+                                   60), np.float32)
+    observed = np.random.default_rng(k).random(60) > 0.15
+    flt = _filter_of(model)
+    state = flt.initial_state(prior)
+    assert int(np.sum(state[3])) == k
+    a = flt.run_parallel(state, ys, observed)
+    b = [np.asarray(x) for x in flt.run(state, ys, observed)]
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert np.abs(a[1][-1] - a[1][0]).max() > 1e-3  # the posterior moved
+
+
 def test_qubit_outcomes_reach_the_network_as_features_that_keep_them(tmp_path):
     """Each outcome (t, y) reaches the network as features at the prior's mean: t and y come
     back exactly, and the signed decay-times-phase feature is the outcome's probability at the

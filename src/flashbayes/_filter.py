@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashbayes._padding import pad_prior, size_bucket
+from flashbayes.amortized._model import grouped_core
 from flashbayes.distributions import GMM
 
 PRUNE_BELOW = 1e-6  # components under this weight are dropped after each update
+PACK_GROUPS = 2  # run_parallel: steps of a window computed per packed sequence of rows
 
 
 # -- component bound ---------------------------------------------------------------------------
@@ -127,7 +129,6 @@ class AmortizedFilter:
         dynamic = getattr(task, "dynamic", False)
         self.window = 1 if dynamic else task.n_max
         self.rows = size_bucket(self.window)
-        self.row_groups = (16,)  # run_parallel: steps reading <= 16 rows go in one call
         core = model.core
         window = self.window
 
@@ -164,10 +165,12 @@ class AmortizedFilter:
         self._step = jax.jit(step)
         self._batched = jax.jit(jax.vmap(step))
         self._scan = jax.jit(lambda state, ys, obs: jax.lax.scan(step, state, (ys, obs))[1])
-        # one anchor, many data masks: the posteriors of a window's steps side by side
-        self._window_batch = jax.jit(jax.vmap(
-            lambda aw, am, as_, acm, buf, dmask: prune(*core(aw, am, as_, acm, buf, dmask), acm),
-            in_axes=(None, None, None, None, None, 0)))
+        # one anchor, many packed data sets: the posteriors of a window's steps side by side
+        packed = grouped_core(model.network, task, PACK_GROUPS)
+        self._window_packed = jax.jit(jax.vmap(
+            lambda aw, am, as_, acm, data, group: jax.vmap(prune, in_axes=(0, 0, 0, None))(
+                *packed(aw, am, as_, acm, data, group), acm),
+            in_axes=(None, None, None, None, 0, 0)))
 
     # -- conversions ------------------------------------------------------------------------
     def initial_state(self, prior: GMM):
@@ -207,11 +210,12 @@ class AmortizedFilter:
         """All steps of a static task, the steps of each window side by side.
 
         Within a window every posterior is the network's answer for the window's anchor and the
-        observations since it, so the steps do not wait for each other: each window is one or
-        two batched calls (steps grouped by how many rows they read, so early steps do not pay
-        for the full window), and only the windows run in turn. The answers are those of `run`
-        to float32 rounding (the same network on fewer padded rows); returns the stacked
-        posteriors (T, ...) as numpy arrays.
+        observations since it, so the steps do not wait for each other: each window is one
+        batched call, and only the windows run in turn. In that call the steps' data sets are
+        packed two to a sequence of rows (the step reading most rows with the one reading
+        fewest that fits), each attending to its own rows only, so hardly any padded row is
+        computed; and only the anchor's real components are run. The answers are those of
+        `run` to float32 rounding; returns the stacked posteriors (T, ...) as numpy arrays.
         """
         if self.window == 1:
             raise ValueError(f"run_parallel: expected a static task; {self.task.name!r} moves "
@@ -243,23 +247,45 @@ class AmortizedFilter:
         return tuple(np.concatenate(acc) for acc in out)
 
     def _window_posteriors(self, anchor, buf: np.ndarray, counts: np.ndarray):
-        # steps grouped by the rows they read (`row_groups`, then the whole window), so early
-        # steps do not pay for the full window; each group padded to a multiple of 4 steps so
-        # the compiled shapes stay few
-        parts, lo = [], 0
-        for limit in (*self.row_groups, self.window):
-            hi = int(np.searchsorted(counts, min(limit, self.window), side="right"))
-            if hi == lo:
-                continue
-            group = counts[lo:hi]
-            rows = min(limit, self.window)
-            width = -(-len(group) // 4) * 4
-            padded = np.concatenate([group, np.full(width - len(group), group[-1])])
-            dmask = np.arange(rows)[None, :] < padded[:, None]
-            res = self._window_batch(*anchor, jnp.asarray(buf[:rows]), jnp.asarray(dmask))
-            parts.append([np.asarray(a)[:len(group)] for a in res])
-            lo = hi
-        return [np.concatenate(p) for p in zip(*parts)]
+        # Step s of the window reads rows buf[:counts[s]]. The steps are packed PACK_GROUPS to
+        # a sequence of at most `window` rows (the longest with the shortest that fits), so
+        # few padded rows are computed, and only the anchor's real components are run (the
+        # network treats components independently of padding); one compiled call.
+        comps = np.flatnonzero(anchor[3])
+        trimmed = [np.asarray(a)[comps] for a in anchor[:3]] + [np.ones(len(comps), bool)]
+        rows = min(size_bucket(max(int(counts.max()), 1)), self.window)
+        order = np.argsort(-counts, kind="stable")
+        seqs, lo, hi = [], 0, len(order) - 1
+        while lo <= hi:
+            seq = [order[lo]]
+            lo += 1
+            while len(seq) < PACK_GROUPS and lo <= hi and (
+                    sum(counts[i] for i in seq) + counts[order[hi]] <= rows):
+                seq.append(order[hi])
+                hi -= 1
+            seqs.append(seq)
+        n_seq = -(-len(seqs) // 4) * 4  # few compiled shapes
+        data = np.zeros((n_seq, rows, buf.shape[1]), np.float32)
+        group = np.full((n_seq, rows), -1, np.int32)
+        where = np.zeros((len(counts), 2), np.int64)
+        for j, seq in enumerate(seqs):
+            at = 0
+            for g, step in enumerate(seq):
+                c = counts[step]
+                data[j, at:at + c] = buf[:c]
+                group[j, at:at + c] = g
+                where[step] = j, g
+                at += c
+        res = self._window_packed(*trimmed, jnp.asarray(data), jnp.asarray(group))
+        res = [np.asarray(a)[where[:, 0], where[:, 1]] for a in res]
+        # back to the model's padded components (padding as `prune` leaves it)
+        t, d = len(counts), anchor[1].shape[-1]
+        full = [np.zeros((t, self.k), np.float32), np.zeros((t, self.k, d), np.float32),
+                np.broadcast_to(np.eye(d, dtype=np.float32), (t, self.k, d, d)).copy(),
+                np.zeros((t, self.k), bool)]
+        for f, r in zip(full, res):
+            f[:, comps] = r
+        return full
 
 
 def _filter_of(model) -> AmortizedFilter:
@@ -408,8 +434,9 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
         method = "scan" if flt.window == 1 else "parallel"
     if method in ("scan", "parallel"):
         run = flt.run if method == "scan" else flt.run_parallel
-        stacked = [np.asarray(a) for a in run(state, ys, observed)]
-        posts = [AmortizedFilter.to_gmm(tuple(a[t] for a in stacked)) for t in range(len(ys))]
+        w, m, s, cm = (np.asarray(a) for a in run(state, ys, observed))
+        w, m, s, cm = w.astype(np.float64), m.astype(np.float64), s.astype(np.float64), cm != 0
+        posts = [GMM.unchecked(w[t][cm[t]], m[t][cm[t]], s[t][cm[t]]) for t in range(len(ys))]
     elif method == "step":
         posts = []
         for y, o in zip(ys, observed):

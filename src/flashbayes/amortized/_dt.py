@@ -113,13 +113,11 @@ class _Block(eqx.Module):
         self.ln3 = eqx.nn.LayerNorm(d)
         self.mlp = _MLP([d, ratio * d, d], key=k3)
 
-    def __call__(self, tok, tok_mask, data, data_mask):
+    def __call__(self, tok, self_mask, data, cross_mask):
+        """Masks are 2-D: `self_mask` (tokens, tokens), `cross_mask` (tokens, data rows)."""
         h = jax.vmap(self.ln1)(tok)
-        self_mask = tok_mask[None, :]  # every query sees the real tokens only
-        tok = tok + self.self_attn(h, h, h, mask=jnp.broadcast_to(self_mask, (h.shape[0],
-                                                                               h.shape[0])))
+        tok = tok + self.self_attn(h, h, h, mask=self_mask)
         h = jax.vmap(self.ln2)(tok)
-        cross_mask = jnp.broadcast_to(data_mask[None, :], (h.shape[0], data.shape[0]))
         tok = tok + self.cross_attn(h, data, data, mask=cross_mask)
         h = jax.vmap(self.ln3)(tok)
         return tok + jax.vmap(self.mlp)(h)
@@ -187,13 +185,25 @@ class DistributionTransformer(eqx.Module):
         lp = jax.scipy.special.logsumexp(jnp.where(cmask, comp + logw, -jnp.inf))
         return lp - jnp.sum(jnp.log(jnp.diagonal(l_g)))
 
-    def _forward(self, weights, means, scale_tril, cmask, data, dmask, *,
-                 return_standardised=False):
-        cfg = self.config
-        d = cfg.theta_dim
+    def grouped(self, weights: Float[Array, " K"], means: Float[Array, "K d"],
+                scale_tril: Float[Array, "K d d"], cmask: Bool[Array, " K"],
+                data: Float[Array, "N p"], group: Array, n_groups: int):
+        """Posteriors of one prior given `n_groups` data sets packed into one array: row r
+        belongs to data set `group[r]` (-1: to none). Returns (G, K), (G, K, d), (G, K, d, d),
+        the answers `__call__` gives for each data set alone (to float rounding), in one pass:
+        each data set's tokens attend to its own rows only."""
+        prior = self._prior_part(weights, means, scale_tril, cmask)
+        ids = jnp.arange(n_groups)
+        member = group[None, :] == ids[:, None]  # (G, N)
+        out = self._trunk(prior, cmask, data, member)
+        logw, zm, zl = jax.vmap(lambda o: self._posterior(o, prior, cmask))(out)
+        return jax.vmap(lambda lw, m, L: self._user_frame(lw, m, L, prior))(logw, zm, zl)
+
+    def _prior_part(self, weights, means, scale_tril, cmask):
+        """The prior standardised by its overall mean and covariance (m_g, l_g)."""
+        d = self.config.theta_dim
         w = jnp.where(cmask, weights, 0.0)
         w = w / jnp.sum(w)
-        # -- standardise by the prior's overall mean and covariance --------------------------
         m_g, cov_g = gmm_moments(w, means, scale_tril)
         cov_g = 0.5 * (cov_g + cov_g.T) + 1e-6 * jnp.trace(cov_g) / d * jnp.eye(d)
         l_g = jnp.linalg.cholesky(cov_g)
@@ -203,32 +213,46 @@ class DistributionTransformer(eqx.Module):
         zm = jnp.where(cmask[:, None], zm, 0.0)
         # zero-weight components stay at zero weight; their feature is floored to stay finite
         logw_prior = jnp.where(cmask, jnp.log(jnp.where(cmask, w, 1.0)), 0.0)
-        logw_feat = jnp.maximum(logw_prior, -20.0)
+        return {"m_g": m_g, "l_g": l_g, "zm": zm, "zl": zl, "logw": logw_prior}
 
-        # -- tokens ---------------------------------------------------------------------------
-        n = jnp.sum(dmask).astype(jnp.float32)
-        glob_feat = jnp.concatenate([m_g, _tril_features(l_g),
-                                     jnp.stack([n / cfg.n_scale, jnp.log1p(n),
-                                                jnp.log(jnp.sum(cmask).astype(jnp.float32))])])
+    def _trunk(self, prior, cmask, data, member):
+        """Head outputs (G, K, 1 + t + d) for G data sets; `member` (G, N) says which rows
+        each one holds. The data sets share the component features but not their tokens."""
+        cfg = self.config
+        n_groups, n_rows = member.shape
+        k = cmask.shape[0]
+        n = jnp.sum(member, 1).astype(jnp.float32)  # (G,)
+        prior_feat = jnp.concatenate([prior["m_g"], _tril_features(prior["l_g"])])
+        glob_feat = jax.vmap(lambda c: jnp.concatenate([
+            prior_feat, jnp.stack([c / cfg.n_scale, jnp.log1p(c),
+                                   jnp.log(jnp.sum(cmask).astype(jnp.float32))])]))(n)
+        logw_feat = jnp.maximum(prior["logw"], -20.0)
         comp_feat = jax.vmap(lambda lw, m, L: jnp.concatenate([lw[None], m, _tril_features(L)]))(
-            logw_feat, zm, zl)
-        glob_e = self.glob_embed(glob_feat)
-        comp_tok = jax.vmap(self.comp_embed)(comp_feat) + glob_e
-        data_in = jnp.concatenate([data, jnp.broadcast_to(glob_feat, (data.shape[0],
-                                                                      glob_feat.shape[0]))], 1)
+            logw_feat, prior["zm"], prior["zl"])
+        glob_e = jax.vmap(self.glob_embed)(glob_feat)  # (G, dm)
+        comp_tok = jax.vmap(self.comp_embed)(comp_feat)[None] + glob_e[:, None]  # (G, K, dm)
+        # each row is embedded with its own data set's global features
+        row_group = jnp.argmax(member, 0)
+        data_in = jnp.concatenate([data, glob_feat[row_group]], 1)
         data_tok = jax.vmap(self.data_embed)(data_in)
         # a summed data summary (mean embedding times the count) joins the global token
-        pooled = jnp.sum(jnp.where(dmask[:, None], data_tok, 0.0), 0) / cfg.n_scale
-        glob_tok = self.glob_token + glob_e + pooled
-        tok = jnp.concatenate([comp_tok, glob_tok[None]], 0)
-        tok_mask = jnp.concatenate([cmask, jnp.ones((1,), bool)])
+        pooled = jnp.where(member[:, :, None], data_tok[None], 0.0).sum(1) / cfg.n_scale
+        glob_tok = self.glob_token + glob_e + pooled  # (G, dm)
+        tok = jnp.concatenate([comp_tok, glob_tok[:, None]], 1).reshape(n_groups * (k + 1), -1)
+        tok_group = jnp.repeat(jnp.arange(n_groups), k + 1)
+        tok_real = jnp.tile(jnp.concatenate([cmask, jnp.ones((1,), bool)]), n_groups)
+        # every token sees the real tokens of its own data set, the null row and its own rows
+        self_mask = (tok_group[:, None] == tok_group[None, :]) & tok_real[None, :]
+        cross_mask = jnp.concatenate([jnp.ones((tok.shape[0], 1), bool), member[tok_group]], 1)
         data_tok = jnp.concatenate([self.null_token[None], data_tok], 0)
-        data_mask = jnp.concatenate([jnp.ones((1,), bool), dmask])
         for block in self.blocks:
-            tok = block(tok, tok_mask, data_tok, data_mask)
-        out = jax.vmap(lambda t: self.head(self.ln_out(t)))(tok[:-1])  # (K, 1 + t + d)
+            tok = block(tok, self_mask, data_tok, cross_mask)
+        tok = tok.reshape(n_groups, k + 1, -1)[:, :-1]
+        return jax.vmap(jax.vmap(lambda t: self.head(self.ln_out(t))))(tok)
 
-        # -- posterior components: prior component x Gaussian site ---------------------------
+    def _posterior(self, out, prior, cmask):
+        """Posterior components in standardised coordinates: prior component x Gaussian site."""
+        d = self.config.theta_dim
         dlogit = out[:, 0]
         t_par = out[:, 1:1 + _n_tril(d)]
         u = out[:, 1 + _n_tril(d):1 + _n_tril(d) + d]
@@ -248,11 +272,21 @@ class DistributionTransformer(eqx.Module):
             # a free shift in units of the posterior's own scale (zero-initialised)
             return m_post + L_post @ sk, L_post, logz
 
-        zm_post, zl_post, logz = jax.vmap(update)(zm, zl, t_par, u, shift)
-        logits = jnp.where(cmask, logw_prior + logz + dlogit, -jnp.inf)
-        logw_post = jax.nn.log_softmax(logits)
+        zm_post, zl_post, logz = jax.vmap(update)(prior["zm"], prior["zl"], t_par, u, shift)
+        logits = jnp.where(cmask, prior["logw"] + logz + dlogit, -jnp.inf)
+        return jax.nn.log_softmax(logits), zm_post, zl_post
+
+    @staticmethod
+    def _user_frame(logw, zm, zl, prior):
+        l_g = prior["l_g"]
+        return (jnp.exp(logw), prior["m_g"] + zm @ l_g.T,
+                jnp.einsum("ij,kjl->kil", l_g, zl))
+
+    def _forward(self, weights, means, scale_tril, cmask, data, dmask, *,
+                 return_standardised=False):
+        prior = self._prior_part(weights, means, scale_tril, cmask)
+        out = self._trunk(prior, cmask, data, dmask[None, :])[0]
+        logw_post, zm_post, zl_post = self._posterior(out, prior, cmask)
         if return_standardised:
-            return logw_post, zm_post, zl_post, (m_g, l_g)
-        post_m = m_g + zm_post @ l_g.T
-        post_l = jnp.einsum("ij,kjl->kil", l_g, zl_post)
-        return jnp.exp(logw_post), post_m, post_l, None
+            return logw_post, zm_post, zl_post, (prior["m_g"], prior["l_g"])
+        return (*self._user_frame(logw_post, zm_post, zl_post, prior), None)

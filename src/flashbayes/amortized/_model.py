@@ -228,25 +228,56 @@ def network_core(network: DistributionTransformer, task: _tasks.Task):
       and the posterior is turned back (see `to_frame`); training sees the same frame
       (`frame_batch`).
     """
+    into, back = _network_frame(task)
+
+    def core(weights, means, scale_tril, cmask, data, dmask):
+        m0, s0, x0, ctx = into(weights, means, scale_tril, cmask, data, dmask)
+        return back(ctx, *network(weights, m0, s0, cmask, x0, dmask))
+
+    return core
+
+
+def grouped_core(network: DistributionTransformer, task: _tasks.Task, n_groups: int):
+    """`network_core` for one prior and `n_groups` data sets packed into one array (row r in
+    data set `group[r]`, -1: none): (weights, means, scale_tril, cmask, data, group) ->
+    posteriors (G, K), (G, K, d), (G, K, d, d), each data set's answer as `network_core` gives
+    it alone (to float rounding). See `DistributionTransformer.grouped`."""
+    into, back = _network_frame(task)
+
+    def core(weights, means, scale_tril, cmask, data, group):
+        m0, s0, x0, ctx = into(weights, means, scale_tril, cmask, data, group >= 0)
+        out = network.grouped(weights, m0, s0, cmask, x0, group, n_groups)
+        return jax.vmap(back, in_axes=(None, 0, 0, 0))(ctx, *out)
+
+    return core
+
+
+def _network_frame(task: _tasks.Task):
+    """(into, back): the problem as the network sees it, plus what `back` needs to map the
+    network's posterior to the user's coordinates (see `network_core`)."""
     if getattr(task, "uses_frame", False):
-        def framed(weights, means, scale_tril, cmask, data, dmask):
+        def into(weights, means, scale_tril, cmask, data, dmask):
             rot, m0, s0, x0 = to_frame(task, weights, means, scale_tril, cmask, data, dmask)
-            pw, pm, ps = network(weights, m0, s0, cmask, x0, dmask)
+            return m0, s0, x0, rot
+
+        def back(rot, pw, pm, ps):
             return pw, pm @ rot, _turn_tril(rot.T, ps)
 
-        return framed
-    if not getattr(task, "translation_equivariant", False):
-        return network.__call__
+        return into, back
+    if getattr(task, "translation_equivariant", False):
+        def into(weights, means, scale_tril, cmask, data, dmask):
+            w = jnp.where(cmask, weights, 0.0)
+            c = jnp.sum((w / jnp.sum(w))[:, None] * means, 0)
+            m0 = jnp.where(cmask[:, None], means - c, 0.0)
+            x0 = jnp.where(dmask[:, None], data - task.data_offset(c), 0.0)
+            return m0, scale_tril, x0, c
 
-    def centred(weights, means, scale_tril, cmask, data, dmask):
-        w = jnp.where(cmask, weights, 0.0)
-        c = jnp.sum((w / jnp.sum(w))[:, None] * means, 0)
-        m0 = jnp.where(cmask[:, None], means - c, 0.0)
-        x0 = jnp.where(dmask[:, None], data - task.data_offset(c), 0.0)
-        pw, pm, ps = network(weights, m0, scale_tril, cmask, x0, dmask)
-        return pw, pm + c, ps
+        def back(c, pw, pm, ps):
+            return pw, pm + c, ps
 
-    return centred
+        return into, back
+    return (lambda weights, means, scale_tril, cmask, data, dmask: (means, scale_tril, data, None),
+            lambda ctx, pw, pm, ps: (pw, pm, ps))
 
 
 def _turn_tril(rot, scale_tril):
