@@ -128,6 +128,30 @@ def test_predictor_pads_validates_and_refuses_out_of_range():
         model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))
 
 
+@pytest.mark.parametrize("head", ["bar", "gmm"])
+def test_predictor_answers_every_query_count_as_the_network_does(head):
+    """The predictor pads context and queries to a few sizes (multiples of 8 up to 128, then
+    geometric buckets) and forms the predictive inside its compiled call; for 8 queries (no
+    padding), 13 and 130 its densities are the network's own on the unpadded problem."""
+    from flashbayes.amortized._pfn import PFNPredictor, _pad_size
+
+    assert [_pad_size(n) for n in (1, 8, 9, 100, 128, 129)] == [8, 8, 16, 104, 128, 192]
+    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=1,
+                    head=head, n_components=3)
+    net = PFN(cfg, key=jax.random.key(0))
+    net = eqx.tree_at(lambda n: n.head.weight, net,
+                      0.3 * jax.random.normal(jax.random.key(1), net.head.weight.shape))
+    model = PFNPredictor(net, fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10))
+    for m in (8, 13, 130):
+        cx, cy, cm, qx = _data(n=7, m=m)
+        qy = jnp.linspace(-2.0, 2.0, m)
+        pred = model.predictive(np.asarray(cx), np.asarray(cy), np.asarray(qx))
+        got = np.asarray(pred.log_prob(qy))
+        assert got.shape == (m,)
+        np.testing.assert_allclose(got, np.asarray(net.log_density(cx, cy, cm, qx, qy)),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_user_units_are_standardised_and_mapped_back_exactly():
     from flashbayes.amortized._pfn import PFNPredictor
 
