@@ -173,16 +173,17 @@ class AmortizedFilter:
             in_axes=(None, None, None, None, 0, 0)))
 
     # -- conversions ------------------------------------------------------------------------
-    def initial_state(self, prior: GMM):
-        """The padded state of a prior (merged down to the model's component count)."""
+    def initial_state(self, prior: GMM, *, host: bool = False):
+        """The padded state of a prior (merged down to the model's component count), as JAX
+        arrays, or NumPy arrays with `host` (what `run_parallel` works on)."""
         prior = self.model._check_prior(prior)
         if prior.n_components > self.k:
             prior = reduce_components(prior, self.k)
-        mix = tuple(jnp.asarray(a) for a in pad_prior(prior, self.k))
-        if self.window == 1:
-            return mix
-        buf = jnp.zeros((self.rows, self.task.data_dim), jnp.float32)
-        return (*mix, *mix, buf, jnp.asarray(0, jnp.int32))
+        mix = pad_prior(prior, self.k)
+        if self.window > 1:
+            buf = np.zeros((self.rows, self.task.data_dim), np.float32)
+            mix = (*mix, *mix, buf, np.asarray(0, np.int32))
+        return tuple(mix) if host else tuple(jnp.asarray(a) for a in mix)
 
     @staticmethod
     def to_gmm(state) -> GMM:
@@ -428,15 +429,20 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
         raise TypeError(f"unexpected options for an amortized model: {sorted(options)}")
     flt = _filter_of(model)
     ys, observed = validate_observations(observations, model.task.data_dim)
-    state = flt.initial_state(prior)
     t0 = time.perf_counter()
     if method == "auto":
         method = "scan" if flt.window == 1 else "parallel"
+    state = flt.initial_state(prior, host=method == "parallel")
     if method in ("scan", "parallel"):
         run = flt.run if method == "scan" else flt.run_parallel
         w, m, s, cm = (np.asarray(a) for a in run(state, ys, observed))
         w, m, s, cm = w.astype(np.float64), m.astype(np.float64), s.astype(np.float64), cm != 0
-        posts = [GMM.unchecked(w[t][cm[t]], m[t][cm[t]], s[t][cm[t]]) for t in range(len(ys))]
+        if np.all(cm == cm[:1]):  # the usual case: the same components at every step
+            w, m, s = w[:, cm[0]], m[:, cm[0]], s[:, cm[0]]
+            posts = [GMM.unchecked(w[t], m[t], s[t]) for t in range(len(ys))]
+        else:
+            posts = [GMM.unchecked(w[t][cm[t]], m[t][cm[t]], s[t][cm[t]])
+                     for t in range(len(ys))]
     elif method == "step":
         posts = []
         for y, o in zip(ys, observed):
