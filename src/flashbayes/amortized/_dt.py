@@ -232,8 +232,9 @@ class DistributionTransformer(eqx.Module):
         glob_e = jax.vmap(self.glob_embed)(glob_feat)  # (G, dm)
         comp_tok = jax.vmap(self.comp_embed)(comp_feat)[None] + glob_e[:, None]  # (G, K, dm)
         # each row is embedded with its own data set's global features
-        row_group = jnp.argmax(member, 0)
-        data_in = jnp.concatenate([data, glob_feat[row_group]], 1)
+        row_glob = (jnp.broadcast_to(glob_feat[0], (n_rows, glob_feat.shape[1])) if n_groups == 1
+                    else glob_feat[jnp.argmax(member, 0)])
+        data_in = jnp.concatenate([data, row_glob], 1)
         data_tok = jax.vmap(self.data_embed)(data_in)
         # a summed data summary (mean embedding times the count) joins the global token
         pooled = jnp.where(member[:, :, None], data_tok[None], 0.0).sum(1) / cfg.n_scale

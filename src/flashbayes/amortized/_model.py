@@ -245,7 +245,8 @@ def grouped_core(network: DistributionTransformer, task: _tasks.Task, n_groups: 
     into, back = _network_frame(task)
 
     def core(weights, means, scale_tril, cmask, data, group):
-        m0, s0, x0, ctx = into(weights, means, scale_tril, cmask, data, group >= 0)
+        rows = (group >= 0) & (group < n_groups)  # rows of some data set
+        m0, s0, x0, ctx = into(weights, means, scale_tril, cmask, data, rows)
         out = network.grouped(weights, m0, s0, cmask, x0, group, n_groups)
         return jax.vmap(back, in_axes=(None, 0, 0, 0))(ctx, *out)
 
