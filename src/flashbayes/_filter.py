@@ -187,10 +187,17 @@ class AmortizedFilter:
 
     @staticmethod
     def to_gmm(state) -> GMM:
-        w, m, s, cm = (np.asarray(a) for a in state[:4])
-        keep = cm.astype(bool)
-        return GMM.unchecked(w[keep].astype(np.float64), m[keep].astype(np.float64),
-                             s[keep].astype(np.float64))
+        return AmortizedFilter.to_gmms(tuple(a[None] for a in state[:4]))[0]
+
+    @staticmethod
+    def to_gmms(stacked) -> list[GMM]:
+        """The GMM of each step of stacked posteriors (weights, means, scale_tril, mask)."""
+        w, m, s, cm = (np.asarray(a) for a in stacked[:4])
+        w, m, s, cm = w.astype(np.float64), m.astype(np.float64), s.astype(np.float64), cm != 0
+        if np.all(cm == cm[:1]):  # the usual case: the same components at every step
+            w, m, s = w[:, cm[0]], m[:, cm[0]], s[:, cm[0]]
+            return [GMM.unchecked(w[t], m[t], s[t]) for t in range(len(w))]
+        return [GMM.unchecked(w[t][cm[t]], m[t][cm[t]], s[t][cm[t]]) for t in range(len(w))]
 
     # -- paths --------------------------------------------------------------------------------
     def step(self, state, y: np.ndarray, observed: bool):
@@ -435,14 +442,7 @@ def filter(model: Any, prior: GMM, observations: Any, *, key: jax.Array,
     state = flt.initial_state(prior, host=method == "parallel")
     if method in ("scan", "parallel"):
         run = flt.run if method == "scan" else flt.run_parallel
-        w, m, s, cm = (np.asarray(a) for a in run(state, ys, observed))
-        w, m, s, cm = w.astype(np.float64), m.astype(np.float64), s.astype(np.float64), cm != 0
-        if np.all(cm == cm[:1]):  # the usual case: the same components at every step
-            w, m, s = w[:, cm[0]], m[:, cm[0]], s[:, cm[0]]
-            posts = [GMM.unchecked(w[t], m[t], s[t]) for t in range(len(ys))]
-        else:
-            posts = [GMM.unchecked(w[t][cm[t]], m[t][cm[t]], s[t][cm[t]])
-                     for t in range(len(ys))]
+        posts = AmortizedFilter.to_gmms(run(state, ys, observed))
     elif method == "step":
         posts = []
         for y, o in zip(ys, observed):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from flashbayes._padding import size_bucket
 from flashbayes.amortized._checkpoint import (
     CheckpointError,
     checkpoint_file,
@@ -452,8 +453,6 @@ class PFNPredictor:
 def _pad_size(n: int) -> int:
     """Rows a context or query set is padded to: a multiple of 8 up to 128, then the
     geometric size buckets (a few compiled shapes, little padding)."""
-    from flashbayes._padding import size_bucket
-
     return max(8, -(-n // 8) * 8) if n <= 128 else size_bucket(n)
 
 
