@@ -20,7 +20,14 @@ import numpy as np
 
 from flashbayes import tasks
 from flashbayes.amortized import TrainConfig, fit_network, request_cpu_devices
-from flashbayes.amortized._pfn import PFN, PFNConfig, load_pfn, pfn_loss, prior_borders
+from flashbayes.amortized._pfn import (
+    PFN,
+    PFNConfig,
+    load_pfn,
+    pfn_expected_loss,
+    pfn_loss,
+    prior_borders,
+)
 
 
 def main(argv=None):
@@ -41,6 +48,10 @@ def main(argv=None):
     ap.add_argument("--components", type=int, default=10, help="mixture components (gmm)")
     ap.add_argument("--kernel", default="rbf")
     ap.add_argument("--x-dim", type=int, default=1)
+    ap.add_argument("--loss", choices=["sample", "expected"], default="sample",
+                    help="sample: -log q(y*) of the drawn query values; expected: -E[log q(y*)] "
+                         "under the exact predictive given the true hyperparameters (the same "
+                         "minimiser, no noise from y*)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--devices", type=int, default=1, help="data-parallel CPU devices")
@@ -67,7 +78,7 @@ def main(argv=None):
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
                        log_every=25, weight_decay=0.0)
     header = {"kind": "pfn", "task": task.name, "task_params": tasks.task_params(task),
-              "model_config": cfg.to_dict(), "n_query": args.n_query,
+              "model_config": cfg.to_dict(), "n_query": args.n_query, "loss": args.loss,
               "init": None if args.init is None else {
                   "path": str(args.init), "step": init_header["step"],
                   "train_config": init_header["train_config"]}}
@@ -82,9 +93,12 @@ def main(argv=None):
         log.flush()
 
     def sample(k, b):
+        if args.loss == "expected":
+            return task.sample_batch_exact(k, b, n_query=args.n_query)
         return task.sample_batch(k, b, n_query=args.n_query)
 
-    _, meta = fit_network(net, pfn_loss, sample, tcfg, key=k_train, out_dir=args.out,
+    loss = pfn_expected_loss if args.loss == "expected" else pfn_loss
+    _, meta = fit_network(net, loss, sample, tcfg, key=k_train, out_dir=args.out,
                           resume=args.resume, callback=callback, header=header,
                           devices=args.devices)
     log.write(json.dumps({"done": True, **{k: v for k, v in meta.items()

@@ -111,3 +111,39 @@ def test_borders_and_validation():
         bar_borders(np.array([np.nan] * 10), 3)
     with pytest.raises(ValueError, match="one per bucket"):
         BarDistribution(jnp.arange(5.0), jnp.zeros(3))
+
+
+def _expected_by_quadrature(bar, mean, var):
+    """E[log p(Y)], Y ~ N(mean, var), by the trapezoid rule on a fine grid (float64)."""
+    sd = np.sqrt(var)
+    grid = np.linspace(mean - 12 * sd, mean + 12 * sd, 200_001)  # (G, batch)
+    lp = np.asarray(bar.log_prob(jnp.asarray(grid, jnp.float32)), np.float64)
+    dens = stats.norm.pdf(grid, mean, sd)
+    return np.trapezoid(dens * lp, grid, axis=0)
+
+
+@pytest.mark.parametrize("where", ["middle", "left tail", "right tail", "narrow"])
+def test_expected_log_prob_against_quadrature(where):
+    """The closed form of E[log p(Y)] under a Gaussian (the PFN's Rao-Blackwellised loss),
+    Gaussians in the middle, deep in either half-normal tail and narrower than a bucket."""
+    bar = _random_bar(3, k=40)
+    b = np.asarray(bar.borders, np.float64)
+    mean, var = {"middle": ([0.1, -0.4, 0.8], [1.0, 0.3, 2.5]),
+                 "left tail": ([b[1] - 2.0, b[1], b[1] + 0.3], [0.5, 1.0, 0.2]),
+                 "right tail": ([b[-2] + 3.0, b[-2], b[-2] - 0.2], [1.5, 0.4, 0.1]),
+                 "narrow": ([0.01, 0.5, -1.0], [1e-4, 1e-5, 1e-3])}[where]
+    mean, var = np.array(mean), np.array(var)
+    got = np.asarray(bar.expected_log_prob(jnp.asarray(mean, jnp.float32),
+                                           jnp.asarray(var, jnp.float32)), np.float64)
+    want = _expected_by_quadrature(bar, mean, var)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
+
+
+def test_expected_log_prob_check_fails_on_a_wrong_gaussian():
+    """The quadrature check tells a Gaussian of another spread apart (so it can fail)."""
+    bar = _random_bar(3, k=40)
+    mean, var = np.array([0.1, -0.4, 0.8]), np.array([1.0, 0.3, 2.5])
+    got = np.asarray(bar.expected_log_prob(jnp.asarray(mean, jnp.float32),
+                                           jnp.asarray(1.3 * var, jnp.float32)))
+    want = _expected_by_quadrature(bar, mean, var)
+    assert np.max(np.abs(got - want)) > 2e-2

@@ -145,3 +145,21 @@ def test_sampler_marginal_variance():
     want = np.exp(2 * 0.0 + 2 * 0.25) + np.exp(2 * np.log(0.1) + 2 * 0.25) + 0.25
     se = np.std((y - y.mean()) ** 2) / np.sqrt(y.size)
     assert abs(np.var(y) - want) < 4 * se
+
+
+def test_exact_predictive_of_the_sampler_equals_the_gp_predictive():
+    """`sample_batch_exact` reads each query's predictive off the joint draw's Cholesky factor:
+    it equals `predict` given the real context points, and the draws are `sample_batch`'s."""
+    task = fb.tasks.get_predictive("gp_hyperprior", n_max=30)
+    key = jax.random.key(4)
+    batch, mean, var = jax.jit(lambda k: task.sample_batch_exact(k, 12, n_query=7))(key)
+    plain = jax.jit(lambda k: task.sample_batch(k, 12, n_query=7))(key)
+    np.testing.assert_array_equal(np.asarray(batch.query_y), np.asarray(plain.query_y))
+    want_m, want_v = jax.vmap(task.predict)(batch.hyper, batch.context_x, batch.context_y,
+                                            batch.query_x, batch.cmask)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(want_m), atol=2e-4)
+    np.testing.assert_allclose(np.asarray(var), np.asarray(want_v), rtol=2e-3)
+    # conditioning on every padded context row as well is another (wrong) predictive
+    full_m, _ = jax.vmap(task.predict)(batch.hyper, batch.context_x, batch.context_y,
+                                       batch.query_x, jnp.ones_like(batch.cmask))
+    assert np.max(np.abs(np.asarray(mean) - np.asarray(full_m))) > 1e-2

@@ -1,3 +1,5 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -5,7 +7,14 @@ import numpy as np
 import pytest
 
 import flashbayes as fb
-from flashbayes.amortized._pfn import PFN, PFNConfig, load_pfn, pfn_loss, prior_borders
+from flashbayes.amortized._pfn import (
+    PFN,
+    PFNConfig,
+    load_pfn,
+    pfn_expected_loss,
+    pfn_loss,
+    prior_borders,
+)
 
 
 def _net(seed=0, layers=2):
@@ -77,6 +86,49 @@ def test_loss_on_a_task_batch_and_gradient():
     loss, grads = eqx.filter_value_and_grad(pfn_loss)(net, batch)
     assert np.isfinite(float(loss))
     assert np.isfinite(float(jnp.sum(grads.head.bias)))
+
+
+@pytest.mark.parametrize("head", ["bar", "gmm"])
+def test_expected_log_density_against_quadrature(head):
+    """E[log q(Y)] under a Gaussian per query (the Rao-Blackwellised loss's terms): the bar
+    head's closed form and the gmm head's Gauss-Hermite rule against a fine grid, with a
+    non-trivial head; a Gaussian of another spread misses by far more than the tolerance."""
+    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=2,
+                    head=head, n_components=3)
+    net = PFN(cfg, key=jax.random.key(0))
+    w = 0.3 * jax.random.normal(jax.random.key(1), net.head.weight.shape)
+    net = eqx.tree_at(lambda n: n.head.weight, net, w)
+    cx, cy, cm, qx = _data(m=4)
+    mean, var = jnp.array([0.2, -1.0, 2.5, 0.0]), jnp.array([0.5, 0.05, 1.0, 3.0])
+    got = np.asarray(net.expected_log_density(cx, cy, cm, qx, mean, var), np.float64)
+    sd = np.sqrt(np.asarray(var, np.float64))
+    grid = np.asarray(mean, np.float64) + sd * np.linspace(-12, 12, 100_001)[:, None]
+    lq = np.asarray(jax.vmap(lambda y: net.log_density(cx, cy, cm, qx, y))(
+        jnp.asarray(grid, jnp.float32)), np.float64)
+    dens = np.exp(-0.5 * ((grid - np.asarray(mean)) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+    want = np.trapezoid(dens * lq, grid, axis=0)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    other = np.asarray(net.expected_log_density(cx, cy, cm, qx, mean, 1.5 * var))
+    assert np.max(np.abs(other - want)) > 2e-2
+
+
+def test_expected_loss_is_the_mean_of_the_sampled_loss():
+    """Averaged over redraws of y* from the exact predictive, the usual loss is the
+    Rao-Blackwellised one (same objective, less noise), and its gradient is finite."""
+    task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=12)
+    batch, mean, var = task.sample_batch_exact(jax.random.key(0), 4, n_query=3)
+    net = _net()
+    loss, grads = eqx.filter_value_and_grad(pfn_expected_loss)(net, (batch, mean, var))
+    assert np.isfinite(float(jnp.sum(grads.head.weight)))
+    eps = jax.random.normal(jax.random.key(1), (4000, *mean.shape))
+
+    def sampled(e):
+        return pfn_loss(net, dataclasses.replace(batch, query_y=mean + jnp.sqrt(var) * e))
+
+    draws = np.asarray(jax.lax.map(sampled, eps, batch_size=500), np.float64)
+    assert abs(float(loss) - draws.mean()) < 4 * draws.std() / np.sqrt(draws.size) + 1e-4
+    # the query values the data set drew give another (noisy) value
+    assert abs(float(pfn_loss(net, batch)) - float(loss)) > 1e-3
 
 
 def test_config_validation_and_round_trip():

@@ -32,6 +32,7 @@ from flashbayes.distributions._mixture import GaussianMixturePredictive
 
 HEADS = ("bar", "gmm")
 _SOFTPLUS_ONE = 0.5413248546129181  # softplus(x) = 1
+_GH_NODES = 24  # Gauss-Hermite nodes of the gmm head's expected log density
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +118,13 @@ class _Block(eqx.Module):
         self.ln_mlp = eqx.nn.LayerNorm(d)
         self.mlp = _MLP([d, ratio * d, d], key=k2)
 
-    def __call__(self, tok, n_ctx, kv_mask):
+    def __call__(self, tok, n_ctx, kv_mask, first_row: int = 0):
         """tok: (1 + N + M, d): null token, context tokens, query tokens. Keys and values are
-        the null and context tokens only."""
+        the null and context tokens only. Returns the updated rows from `first_row` on (the
+        last block updates the query tokens only: nothing reads the context tokens after
+        it)."""
         kv = jax.vmap(self.ln_kv)(tok[:n_ctx])
+        tok = tok[first_row:]
         q = jax.vmap(self.ln_q)(tok)
         mask = jnp.broadcast_to(kv_mask[None, :], (tok.shape[0], n_ctx))
         tok = tok + self.attn(q, kv, kv, mask=mask)
@@ -190,9 +194,10 @@ class PFN(eqx.Module):
         tok = jnp.concatenate([self.null_token[None], ctx, qry], 0)
         n_ctx = 1 + context_x.shape[0]
         kv_mask = jnp.concatenate([jnp.ones((1,), bool), cmask])
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             tok = block(tok, n_ctx, kv_mask)
-        return jax.vmap(lambda t: self.head(self.ln_out(t)))(tok[n_ctx:])
+        tok = self.blocks[-1](tok, n_ctx, kv_mask, first_row=n_ctx)
+        return jax.vmap(lambda t: self.head(self.ln_out(t)))(tok)
 
     def predictive(self, context_x, context_y, cmask, query_x):
         """The predictive of y* at each of the M query points: a bar distribution (batch shape
@@ -229,6 +234,22 @@ class PFN(eqx.Module):
         return jax.scipy.special.logsumexp(
             logw - 0.5 * z**2 - jnp.log(sd) - 0.5 * np.log(2 * np.pi), -1)
 
+    def expected_log_density(self, context_x, context_y, cmask, query_x, mean, var) -> Array:
+        """(M,) E[log q(Y)] for Y ~ N(mean, var) at each query point, where q is the network's
+        predictive: in closed form for the bar head (`BarDistribution.expected_log_prob`), by
+        Gauss-Hermite quadrature with 24 nodes for the gmm head (its log density is smooth)."""
+        out = self(context_x, context_y, cmask, query_x)
+        if self.config.head == "bar":
+            return self.distribution(out).expected_log_prob(mean, var)
+        logw, mu, sd = self._gmm_parts(out)
+        nodes, weights = np.polynomial.hermite.hermgauss(_GH_NODES)
+        y = mean[:, None] + np.sqrt(2.0) * jnp.sqrt(var)[:, None] * nodes  # (M, nodes)
+        z = (y[:, :, None] - mu[:, None, :]) / sd[:, None, :]
+        lq = jax.scipy.special.logsumexp(
+            logw[:, None, :] - 0.5 * z**2 - jnp.log(sd[:, None, :]), -1) \
+            - 0.5 * np.log(2 * np.pi)
+        return lq @ (weights / np.sqrt(np.pi))
+
 
 def pfn_loss(network: PFN, batch) -> Array:
     """Mean negative log predictive density of the query values of a `PredictiveBatch`
@@ -239,6 +260,33 @@ def pfn_loss(network: PFN, batch) -> Array:
 
     return jnp.mean(jax.vmap(one)(batch.context_x, batch.context_y, batch.cmask,
                                   batch.query_x, batch.query_y))
+
+
+def pfn_expected_loss(network: PFN, batch) -> Array:
+    """The training objective of `pfn_loss` with the query values integrated out: the mean
+    over query points of -E[log q(y*)] under the exact predictive of y* given the data set's
+    true hyperparameters. `batch` is `(PredictiveBatch, mean, var)` as
+    `GPHyperprior.sample_batch_exact` gives it. Its expectation over data sets, and so its
+    minimiser, is that of `pfn_loss`; it has no noise from the draw of y*
+    (Rao-Blackwellisation).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> import flashbayes as fb
+        >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
+        >>> cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 11)), d_model=16,
+        ...                 n_layers=1)
+        >>> batch = task.sample_batch_exact(jax.random.key(0), 2, n_query=3)
+        >>> float(pfn_expected_loss(PFN(cfg, key=jax.random.key(1)), batch)) > 0
+        True
+    """
+    data, mean, var = batch
+
+    def one(cx, cy, cm, qx, mu, v):
+        return -jnp.mean(network.expected_log_density(cx, cy, cm, qx, mu, v))
+
+    return jnp.mean(jax.vmap(one)(data.context_x, data.context_y, data.cmask, data.query_x,
+                                  jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)))
 
 
 def prior_borders(task, key: Array, n_buckets: int, *, n_samples: int = 200_000) -> np.ndarray:
@@ -359,7 +407,7 @@ class PFNPredictor:
                   "task_params": tasks.task_params(self.task),
                   "model_config": self.network.config.to_dict(),
                   **{k: self.meta[k] for k in ("step", "train_config", "train_seconds",
-                                               "n_query", "init") if k in self.meta}}
+                                               "n_query", "init", "loss") if k in self.meta}}
         return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
 
     def reference_task(self, n_context: int):
@@ -471,7 +519,7 @@ def load_predictor(path: str | os.PathLike) -> PFNPredictor:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint: unknown predictive task {header.get('task')!r} "
                               f"({exc})") from exc
-    meta = {k: header[k] for k in ("step", "train_config", "train_seconds", "n_query", "init")
-            if k in header}
+    meta = {k: header[k] for k in ("step", "train_config", "train_seconds", "n_query", "init",
+                                   "loss") if k in header}
     meta["path"] = str(path)
     return PFNPredictor(net, task, meta)

@@ -210,7 +210,7 @@ class GPHyperprior(PredictiveTask):
         return gp_predict(self.kernel, hyper, x, y, query_x, mask, jitter=self.jitter)
 
     # -- data sets ----------------------------------------------------------------------------
-    def _one(self, key: Array, n_query: int, n: int | None = None):
+    def _one(self, key: Array, n_query: int, n: int | None = None, exact: bool = False):
         kh, kn, kx, kq, kz = jax.random.split(key, 5)
         hyper = self.sample_hyper(kh)
         if n is None:
@@ -221,17 +221,47 @@ class GPHyperprior(PredictiveTask):
         l, s, sigma, m = hyper[0], hyper[1], hyper[2], hyper[3]
         cov = kernel_matrix(self.kernel, allx, allx, l, s)
         cov = cov + jnp.diag(jnp.full(allx.shape[0], sigma**2 + self.jitter * s**2))
-        y = m + jnp.linalg.cholesky(cov) @ jax.random.normal(kz, (allx.shape[0],))
+        chol = jnp.linalg.cholesky(cov)
+        z = jax.random.normal(kz, (allx.shape[0],))
+        y = m + chol @ z
         cmask = jnp.arange(self.n_max) < n
         cx = jnp.where(cmask[:, None], cx, 0.0)
         cy = jnp.where(cmask, y[:self.n_max], 0.0)
-        return PredictiveBatch(cx, cy, cmask, qx, y[self.n_max:], hyper)
+        batch = PredictiveBatch(cx, cy, cmask, qx, y[self.n_max:], hyper)
+        if not exact:
+            return batch
+        # The real context rows come first, so y[:n] = m + chol[:n, :n] z[:n] fixes z[:n], and
+        # a query value is m + chol[q, :n] z[:n] plus independent N(0, 1) terms on the other
+        # columns: its exact predictive given the real context, with no further solve.
+        seen = jnp.arange(allx.shape[0]) < n
+        rows = chol[self.n_max:]
+        mean = m + jnp.where(seen, rows, 0.0) @ z
+        var = jnp.sum(jnp.where(seen, 0.0, rows**2), -1)
+        return batch, mean, var
 
     def sample_batch(self, key: Array, batch_size: int, *, n_query: int = 50
                      ) -> PredictiveBatch:
         """`batch_size` data sets: context padded to `n_max` rows (n uniform on
         n_min..n_max), `n_query` query points each; jit-able (sizes static)."""
         return jax.vmap(lambda k: self._one(k, n_query))(jax.random.split(key, batch_size))
+
+    def sample_batch_exact(self, key: Array, batch_size: int, *, n_query: int = 50
+                           ) -> tuple[PredictiveBatch, Array, Array]:
+        """The data sets of `sample_batch` (the same draws for the same key), with the mean and
+        variance, each (batch_size, n_query), of the exact predictive of y* at every query
+        point given the real context points and the data set's true hyperparameters (what
+        `predict` returns), read off the joint draw's Cholesky factor. Jit-able.
+
+        Example:
+            >>> import jax
+            >>> import flashbayes as fb
+            >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=5)
+            >>> batch, mean, var = task.sample_batch_exact(jax.random.key(0), 2, n_query=3)
+            >>> mean.shape, var.shape
+            ((2, 3), (2, 3))
+        """
+        return jax.vmap(lambda k: self._one(k, n_query, exact=True))(
+            jax.random.split(key, batch_size))
 
     def sample_problem(self, key: Array, *, n: int, n_query: int = 50) -> PredictiveProblem:
         """One data set with exactly n context points, as NumPy arrays.
