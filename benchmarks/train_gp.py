@@ -78,7 +78,7 @@ def main(argv=None):
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,
                        log_every=25, weight_decay=0.0)
     header = {"kind": "pfn", "task": task.name, "task_params": tasks.task_params(task),
-              "model_config": cfg.to_dict(), "n_query": args.n_query, "loss": args.loss,
+              "model_config": cfg.to_dict(), "n_query": args.n_query, "objective": args.loss,
               "init": None if args.init is None else {
                   "path": str(args.init), "step": init_header["step"],
                   "train_config": init_header["train_config"]}}

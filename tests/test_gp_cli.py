@@ -106,3 +106,37 @@ def test_gp_takes_the_shipped_model_by_name(tmp_path):
         band["upper"][0]
     res = _run("gmm_linear", "--data", data, "--no-nuts", "--no-type2-ml")
     assert res.exit_code == 2 and "Distribution Transformer" in res.output, res.output
+
+
+@pytest.mark.parametrize("head", ["bar", "gmm"])
+def test_train_gp_script_with_the_expected_loss(tmp_path, head):
+    """`benchmarks/train_gp.py --loss expected` (how the shipped PFN was made), run as a
+    process: the checkpoint records the objective, loads as a predictor that answers, and
+    the trained network is better than the untrained one on fresh data sets."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flashbayes.amortized._pfn import load_predictor
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_gp.py"
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(script), "--out", str(out), "--steps", "40",
+                          "--batch-size", "8", "--n-query", "8", "--lr", "3e-3", "--warmup", "5",
+                          "--buckets", "32", "--d-model", "16", "--layers", "1", "--heads", "2",
+                          "--head", head, "--components", "3", "--loss", "expected",
+                          "--checkpoint-every", "40"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = load_predictor(out)
+    assert model.meta["objective"] == "expected" and model.meta["step"] == 40
+    pred = model.predictive([[0.1], [0.5]], [0.3, -0.2], [[0.2], [0.9]])
+    assert np.all(np.isfinite(np.asarray(pred.log_prob(np.zeros(2)))))
+    # on fresh data sets the trained network beats the untrained one (whose zero head gives
+    # the prior predictive)
+    from flashbayes.amortized._pfn import PFN, pfn_expected_loss
+
+    batch = model.task.sample_batch_exact(jax.random.key(99), 64, n_query=8)
+    untrained = PFN(model.network.config, key=jax.random.key(0))
+    assert (float(pfn_expected_loss(model.network, batch))
+            < float(pfn_expected_loss(untrained, batch)) - 0.02)

@@ -407,7 +407,7 @@ class PFNPredictor:
                   "task_params": tasks.task_params(self.task),
                   "model_config": self.network.config.to_dict(),
                   **{k: self.meta[k] for k in ("step", "train_config", "train_seconds",
-                                               "n_query", "init", "loss") if k in self.meta}}
+                                               "n_query", "init", "objective") if k in self.meta}}
         return save_checkpoint(path, header, {"params": eqx.filter(self.network, eqx.is_array)})
 
     def reference_task(self, n_context: int):
@@ -526,6 +526,6 @@ def load_predictor(path: str | os.PathLike) -> PFNPredictor:
         raise CheckpointError(f"checkpoint: unknown predictive task {header.get('task')!r} "
                               f"({exc})") from exc
     meta = {k: header[k] for k in ("step", "train_config", "train_seconds", "n_query", "init",
-                                   "loss") if k in header}
+                                   "objective") if k in header}
     meta["path"] = str(path)
     return PFNPredictor(net, task, meta)
