@@ -108,6 +108,7 @@ def test_gp_takes_the_shipped_model_by_name(tmp_path):
     assert res.exit_code == 2 and "Distribution Transformer" in res.output, res.output
 
 
+@pytest.mark.slow  # two training processes; the default tier is kept under 15 minutes
 @pytest.mark.parametrize("head", ["bar", "gmm"])
 def test_train_gp_script_with_the_expected_loss(tmp_path, head):
     """`benchmarks/train_gp.py --loss expected` (how the shipped PFN was made), run as a
