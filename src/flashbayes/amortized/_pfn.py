@@ -229,8 +229,15 @@ class PFN(eqx.Module):
         out = self(context_x, context_y, cmask, query_x)
         if self.config.head == "bar":
             return self.distribution(out).log_prob(query_y)
+        return self._gmm_log_density(out, query_y)
+
+    def _gmm_log_density(self, out, y):
+        """Log density of the gmm head's mixtures at y (M, ...): query point j's mixture at
+        every value of y[j], in log space throughout."""
         logw, mu, sd = self._gmm_parts(out)
-        z = (query_y[:, None] - mu) / sd
+        expand = (slice(None),) + (None,) * (y.ndim - 1)
+        logw, mu, sd = logw[expand], mu[expand], sd[expand]
+        z = (y[..., None] - mu) / sd
         return jax.scipy.special.logsumexp(
             logw - 0.5 * z**2 - jnp.log(sd) - 0.5 * np.log(2 * np.pi), -1)
 
@@ -241,14 +248,9 @@ class PFN(eqx.Module):
         out = self(context_x, context_y, cmask, query_x)
         if self.config.head == "bar":
             return self.distribution(out).expected_log_prob(mean, var)
-        logw, mu, sd = self._gmm_parts(out)
         nodes, weights = np.polynomial.hermite.hermgauss(_GH_NODES)
         y = mean[:, None] + np.sqrt(2.0) * jnp.sqrt(var)[:, None] * nodes  # (M, nodes)
-        z = (y[:, :, None] - mu[:, None, :]) / sd[:, None, :]
-        lq = jax.scipy.special.logsumexp(
-            logw[:, None, :] - 0.5 * z**2 - jnp.log(sd[:, None, :]), -1) \
-            - 0.5 * np.log(2 * np.pi)
-        return lq @ (weights / np.sqrt(np.pi))
+        return self._gmm_log_density(out, y) @ (weights / np.sqrt(np.pi))
 
 
 def pfn_loss(network: PFN, batch) -> Array:
