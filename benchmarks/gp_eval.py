@@ -1,11 +1,13 @@
 """Posterior predictives on held-out `gp_hyperprior` tasks: a trained PFN against the oracle GP
-(true hyperparameters), type-II maximum likelihood and NUTS over the hyperparameters.
+(true hyperparameters), type-II maximum likelihood, NUTS over the hyperparameters and the same
+Bayes-optimal predictive by quadrature.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/gp_eval.py --checkpoint gp_hyperprior_pfn \
         --dt-checkpoint gp_hyperprior_dt --tasks-per-n 6 --out benchmarks/results/gp_eval_nuts60
 
 Reports, per context size n, the mean NLPD (nats per query point) of each method with its standard
-error, the PFN's and NUTS' gaps to each other (paired), and the coverage of central 90% intervals;
+error, each network's paired gap to each Bayes-optimal reference scored (NUTS, quadrature; else
+the oracle), and the coverage of central 90% intervals;
 writes JSON and a markdown table.
 """
 
@@ -23,9 +25,10 @@ import numpy as np
 from flashbayes import tasks
 from flashbayes.amortized import GP_PRETRAINED, load_pretrained
 from flashbayes.amortized._pfn import load_predictor
-from flashbayes.reference import gp_nuts, gp_oracle, gp_type2_ml
+from flashbayes.reference import gp_nuts, gp_oracle, gp_quadrature, gp_type2_ml
 
-METHODS = ("oracle", "type2_ml", "nuts", "pfn", "dt")
+METHODS = ("oracle", "type2_ml", "nuts", "quadrature", "pfn", "dt")
+BAYES = ("nuts", "quadrature")
 NETWORKS = ("pfn", "dt")
 
 
@@ -157,6 +160,8 @@ def _predict(name, task, model, p, key, args):
     if name == "nuts":
         return gp_nuts(key, task, p.context_x, p.context_y, p.query_x,
                        num_warmup=args.nuts_warmup, num_samples=args.nuts_samples, warn=False)
+    if name == "quadrature":
+        return gp_quadrature(task, p.context_x, p.context_y, p.query_x)
     if model.task.n_max < p.context_x.shape[0] or model.task.x_dim != task.x_dim:
         raise SystemExit(f"{name}: expected a model for {p.context_x.shape[0]} context points "
                          f"in {task.x_dim} dimensions; it takes up to {model.task.n_max} in "
@@ -206,11 +211,16 @@ def _mean_se(v):
 
 
 def report(rows, args):
-    """Per n: NLPD and 90% coverage of each method, and each network's paired gap to the best
-    reference scored (NUTS when it ran, else the oracle); one more row pools every n."""
+    """Per n: NLPD and 90% coverage of each method, and each network's paired gap to each
+    Bayes-optimal reference scored (NUTS, quadrature; the oracle when neither ran), and the
+    quadrature's gap to NUTS; one more row pools every n. The plot is relative to the first
+    of those references."""
     methods = [m for m in METHODS if m in rows[0]]
-    ref = "nuts" if "nuts" in methods else "oracle"
-    nets = [m for m in NETWORKS if m in methods] if ref in methods else []
+    refs = [m for m in BAYES if m in methods] or ["oracle"]
+    ref = refs[0]
+    gaps = [(m, r) for r in refs for m in NETWORKS if m in methods]
+    if set(BAYES) <= set(methods):
+        gaps.append(("quadrature", "nuts"))
     summary = {}
     for n in [*args.ns, "all"]:
         sel = [r for r in rows if n == "all" or r["n"] == n]
@@ -219,18 +229,18 @@ def report(rows, args):
             mean, se = _mean_se([r[m] for r in sel])
             s[m] = {"nlpd": mean, "se": se,
                     "cover90": float(np.mean([r[m + "_cover90"] for r in sel]))}
-        for m in nets:
-            mean, se = _mean_se([r[m] - r[ref] for r in sel])
-            s[f"{m}_minus_{ref}"] = {"mean": mean, "se": se}
+        for m, r0 in gaps:
+            mean, se = _mean_se([r[m] - r[r0] for r in sel])
+            s[f"{m}_minus_{r0}"] = {"mean": mean, "se": se}
         summary[n] = s
     lines = ["| n | " + " | ".join(f"{m} NLPD" for m in methods)
-             + "".join(f" | {m} - {ref}" for m in nets) + " | "
+             + "".join(f" | {m} - {r0}" for m, r0 in gaps) + " | "
              + " | ".join(f"{m} 90% cover" for m in methods) + " |"]
-    lines.append("|" + "---|" * (1 + 2 * len(methods) + len(nets)))
+    lines.append("|" + "---|" * (1 + 2 * len(methods) + len(gaps)))
     for n, s in summary.items():
         cells = [f"{s[m]['nlpd']:.3f} ± {s[m]['se']:.3f}" for m in methods]
         cells += [f"{s[g]['mean']:+.3f} ± {s[g]['se']:.3f}"
-                  for g in (f"{m}_minus_{ref}" for m in nets)]
+                  for g in (f"{m}_minus_{r0}" for m, r0 in gaps)]
         cells += [f"{s[m]['cover90']:.2f}" for m in methods]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
@@ -252,11 +262,12 @@ def report(rows, args):
         for m in methods:
             if m == ref:
                 continue
-            gaps = [np.array([r[m] - r[ref] for r in rows if r["n"] == n]) for n in ns]
-            ax.errorbar(ns, [g.mean() for g in gaps],
-                        yerr=[g.std(ddof=1) / np.sqrt(len(g)) for g in gaps], marker="o",
+            diffs = [np.array([r[m] - r[ref] for r in rows if r["n"] == n]) for n in ns]
+            ax.errorbar(ns, [g.mean() for g in diffs],
+                        yerr=[g.std(ddof=1) / np.sqrt(len(g)) for g in diffs], marker="o",
                         capsize=3, label=m)
-        label = "nuts (Bayes-optimal)" if ref == "nuts" else "oracle (true hyperparameters)"
+        label = (f"{ref} (Bayes-optimal)" if ref in BAYES else
+                 "oracle (true hyperparameters)")
         ax.axhline(0.0, color="k", lw=0.8, label=label)
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=0.1)

@@ -5,7 +5,13 @@ import pytest
 from scipy import stats
 
 import flashbayes as fb
-from flashbayes.reference import GaussianMixturePredictive, gp_nuts, gp_oracle, gp_type2_ml
+from flashbayes.reference import (
+    GaussianMixturePredictive,
+    gp_nuts,
+    gp_oracle,
+    gp_quadrature,
+    gp_type2_ml,
+)
 
 TIGHT = 0.01
 
@@ -126,3 +132,54 @@ def test_nuts_beats_type2_ml_at_small_n():
                      num_warmup=300, num_samples=250, num_chains=2, num_mix=200, warn=False)
         gaps.append(float(np.mean(np.asarray(nu.log_prob(y)) - np.asarray(t2.log_prob(y)))))
     assert np.mean(gaps) > 0.0, gaps
+
+
+def _importance_predictive(task, p, y, draws=40_000, seed=0):
+    """log p(y* | context) by importance sampling from the hyperprior (all four hyperparameters
+    drawn, the mean included), through the task's Cholesky-based marginal and predictive."""
+    from scipy.special import logsumexp
+
+    x, cy, qx = (jnp.asarray(a, jnp.float32) for a in (p.context_x, p.context_y, p.query_x))
+    hyper = jax.vmap(task.sample_hyper)(jax.random.split(jax.random.key(seed), draws))
+    lml = np.asarray(jax.vmap(lambda h: task.log_marginal(h, x, cy))(hyper), np.float64)
+    mu, var = (np.asarray(a, np.float64)
+               for a in jax.vmap(lambda h: task.predict(h, x, cy, qx))(hyper))
+    logw = lml - logsumexp(lml)
+    return logsumexp(logw[:, None] + stats.norm.logpdf(y[None], mu, np.sqrt(var)), axis=0)
+
+
+def test_quadrature_matches_importance_sampling_and_a_wrong_hyperprior_fails():
+    task = fb.tasks.get_predictive("gp_hyperprior")
+    p = task.sample_problem(jax.random.key(7), n=4, n_query=6)
+    y = np.asarray(p.query_y)
+    want = _importance_predictive(task, p, y)
+    got = np.asarray(gp_quadrature(task, p.context_x, p.context_y, p.query_x).log_prob(y))
+    np.testing.assert_allclose(got, want, atol=0.02)
+    # the same check fails for the quadrature of another hyperprior (noise 3x larger)
+    wrong_task = fb.tasks.get_predictive("gp_hyperprior", noise=(np.log(0.3), 0.5))
+    wrong = np.asarray(gp_quadrature(wrong_task, p.context_x, p.context_y, p.query_x)
+                       .log_prob(y))
+    assert np.max(np.abs(wrong - want)) > 0.1
+
+
+def test_quadrature_approaches_oracle_under_tight_hyperprior_and_converges_in_the_grid():
+    h = np.array([0.25, 1.0, 0.15, 0.2])
+    task = _tight_task(h)
+    p = task.sample_problem(jax.random.key(0), n=8, n_query=10)
+    y = jnp.asarray(p.query_y, jnp.float32)
+    oracle = gp_oracle(task, h, p.context_x, p.context_y, p.query_x)
+    quad = gp_quadrature(task, p.context_x, p.context_y, p.query_x)
+    assert _nlpd_gap(quad, oracle, y) < 0.01
+    wrong = gp_oracle(task, h * np.array([1, 1, 2, 1]), p.context_x, p.context_y, p.query_x)
+    assert _nlpd_gap(quad, wrong, y) > 0.1
+    # on the shipped hyperprior with 60 points, a finer grid changes nothing that matters
+    task = fb.tasks.get_predictive("gp_hyperprior")
+    p = task.sample_problem(jax.random.key(1), n=60, n_query=10)
+    y = jnp.asarray(p.query_y, jnp.float32)
+    base = gp_quadrature(task, p.context_x, p.context_y, p.query_x)
+    fine = gp_quadrature(task, p.context_x, p.context_y, p.query_x, grid=36, rounds=4)
+    assert _nlpd_gap(base, fine, y) < 1e-3
+    assert base.info["effective_points"] > 20  # the posterior is spread over many grid points
+    for bad in ({"grid": 1}, {"rounds": -1}, {"eps": 0.0}, {"width": float("nan")}):
+        with pytest.raises(ValueError, match="expected"):
+            gp_quadrature(task, p.context_x, p.context_y, p.query_x, **bad)

@@ -17,7 +17,13 @@ from flashbayes.reference._base import (
 from flashbayes.reference._cache import compilation_cache_dir, set_compilation_cache
 from flashbayes.reference._exact import exact
 from flashbayes.reference._filters import filters, get_filter, register_filter
-from flashbayes.reference._gp import GaussianMixturePredictive, gp_nuts, gp_oracle, gp_type2_ml
+from flashbayes.reference._gp import (
+    GaussianMixturePredictive,
+    gp_nuts,
+    gp_oracle,
+    gp_quadrature,
+    gp_type2_ml,
+)
 from flashbayes.reference._numpyro import numpyro_model, run_numpyro_nuts
 from flashbayes.reference._nuts import TaskNUTS, diagnose, nuts
 from flashbayes.reference._smc import smc
@@ -28,6 +34,6 @@ __all__ = ["ConvergenceWarning", "GaussianMixturePredictive", "LogDensityTarget"
            "SampleSet", "Target",
            "TaskNUTS", "TaskTarget", "VIPosterior", "compilation_cache_dir", "diagnose",
            "engines", "exact", "filters", "flat_names", "get_engine", "get_filter", "gp_nuts",
-           "gp_oracle", "gp_type2_ml",
+           "gp_oracle", "gp_quadrature", "gp_type2_ml",
            "numpyro_model", "nuts", "register_filter", "run_numpyro_nuts",
            "set_compilation_cache", "smc", "vi"]

@@ -197,3 +197,126 @@ def gp_nuts(key: Array, task, context_x, context_y, query_x, *, num_warmup: int 
             "divergences": post.info["divergences"], "problems": diagnose(post),
             "hyper_mean": np.asarray(hyper).mean(0).tolist()}
     return GaussianMixturePredictive(jnp.ones(int(num_mix)), mu, var, info)
+
+
+def _quadrature_box(logp, axes, eps):
+    """Per axis, the span of grid values where the log density comes within log(eps) of its
+    maximum (anywhere on the other axes), widened by one grid step on each side."""
+    keep = logp >= logp.max() + np.log(eps)
+    box = []
+    for j, axis in enumerate(axes):
+        other = tuple(k for k in range(len(axes)) if k != j)
+        idx = np.flatnonzero(keep.any(axis=other))
+        step = axis[1] - axis[0]
+        box.append((axis[idx[0]] - step, axis[idx[-1]] + step))
+    return box
+
+
+def gp_quadrature(task, context_x, context_y, query_x, *, grid: int = 24, coarse: int = 16,
+                  width: float = 5.0, rounds: int = 3, eps: float = 1e-10
+                  ) -> GaussianMixturePredictive:
+    """The Bayes-optimal predictive by deterministic quadrature over the hyperparameters.
+
+    The constant mean is integrated out exactly (its Normal hyperprior N(mu, tau^2) adds tau^2
+    to every covariance entry, context and query alike); (log l, log s, log sigma) are summed
+    on a product grid. The first grid spans +-`width` hyperprior standard deviations with
+    `coarse` points per axis; each of `rounds` further grids of `grid` points per axis spans
+    the box where the posterior comes within a factor `eps` of its largest grid value, one
+    step wider on each side. On each lengthscale the kernel matrix is diagonalised once (float64),
+    so every (s, sigma) pair costs O(n) for the marginal likelihood and O(n m) for the
+    predictive; the predictive mixes the GP predictives of the grid points carrying all but
+    `eps` of the posterior mass, weighted by it. No Monte Carlo error: it agrees with
+    `gp_nuts` up to NUTS' own noise and takes about 0.1 s on 100 context points.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> from flashbayes.reference import gp_quadrature
+        >>> task = fb.tasks.get_predictive("gp_hyperprior")
+        >>> p = task.sample_problem(jax.random.key(0), n=10, n_query=4)
+        >>> pred = gp_quadrature(task, p.context_x, p.context_y, p.query_x)
+        >>> pred.log_prob(p.query_y).shape, pred.info["engine"]
+        ((4,), 'quadrature')
+    """
+    from flashbayes.tasks._gp import kernel_matrix
+
+    for name, v, least in (("grid", grid, 2), ("coarse", coarse, 2), ("rounds", rounds, 0)):
+        if int(v) != v or v < least:
+            raise ValueError(f"{name}: expected an integer >= {least}; got {v!r}")
+    if not (np.isfinite(width) and width > 0 and 0 < eps < 1):
+        raise ValueError(f"width, eps: expected width > 0 and 0 < eps < 1; got {width!r}, "
+                         f"{eps!r}")
+    cx, cy, qx = task.validate(context_x, context_y, query_x)
+    n = cx.shape[0]
+    loc = np.asarray(task.prior_loc, np.float64)
+    scale = np.asarray(task.prior_scale, np.float64)
+    tau2 = scale[3] ** 2
+    r = cy - loc[3]
+    jitter = task.jitter
+
+    def kern(a, b, lengthscale):
+        return kernel_matrix(task.kernel, a, b, lengthscale, 1.0, xp=np)
+
+    def eig(lengthscale):
+        lam, u = np.linalg.eigh(kern(cx, cx, lengthscale))
+        return np.maximum(lam, 0.0), u
+
+    def parts(lam, u, s, sigma):
+        """With C0 = U diag(d) U^T the covariance of the centred context without the mean's
+        share (d: (..., n)), 1~ = U^T 1 and r~ = U^T r: a = 1^T C0^-1 1, b = 1^T C0^-1 r and
+        c = r^T C0^-1 r; the mean's tau^2 1 1^T enters by Sherman-Morrison."""
+        d = s[..., None] ** 2 * (lam + jitter) + sigma[..., None] ** 2
+        ut, rt = u.sum(0), u.T @ r
+        return d, ut, rt, (ut**2 / d).sum(-1), (ut * rt / d).sum(-1), (rt**2 / d).sum(-1)
+
+    def log_post(axes):
+        ls, ss, gs = axes
+        s, g = np.meshgrid(np.exp(ss), np.exp(gs), indexing="ij")
+        out = np.empty((len(ls), len(ss), len(gs)))
+        for i, zl in enumerate(ls):
+            d, _, _, a, b, c = parts(*eig(np.exp(zl)), s, g)
+            one = 1.0 + tau2 * a
+            quad = c - tau2 * b**2 / one
+            out[i] = -0.5 * (quad + np.log(d).sum(-1) + np.log(one) + n * np.log(2 * np.pi))
+        for j, axis in enumerate(axes):
+            shape = [1, 1, 1]
+            shape[j] = -1
+            out += (-0.5 * ((axis - loc[j]) / scale[j]) ** 2).reshape(shape)
+        return out
+
+    axes = [np.linspace(loc[j] - width * scale[j], loc[j] + width * scale[j], int(coarse))
+            for j in range(3)]
+    logp = log_post(axes)
+    for _ in range(int(rounds)):
+        axes = [np.linspace(lo, hi, int(grid)) for lo, hi in _quadrature_box(logp, axes, eps)]
+        logp = log_post(axes)
+    w = np.exp(logp - logp.max())
+    w /= w.sum()
+    # the grid points carrying all but eps of the mass, by lengthscale
+    order = np.argsort(w, axis=None)[::-1]
+    count = int(np.searchsorted(np.cumsum(w.ravel()[order]), 1.0 - eps)) + 1
+    picked = np.unravel_index(order[:count], w.shape)
+    means, variances, weights = [], [], []
+    for i in np.unique(picked[0]):
+        sel = picked[0] == i
+        s = np.exp(axes[1][picked[1][sel]])
+        g = np.exp(axes[2][picked[2][sel]])
+        lam, u = eig(np.exp(axes[0][i]))
+        d, ut, rt, a, b, _ = parts(lam, u, s, g)
+        kt = s[:, None, None] ** 2 * (kern(qx, cx, np.exp(axes[0][i])) @ u) + tau2 * ut  # (P,m,n)
+        one = (1.0 + tau2 * a)[:, None]
+        ku = (kt * ut / d[:, None, :]).sum(-1)
+        means.append(loc[3] + (kt * rt / d[:, None, :]).sum(-1) - tau2 * ku * b[:, None] / one)
+        explained = (kt**2 / d[:, None, :]).sum(-1) - tau2 * ku**2 / one
+        prior_var = (s**2 * (1.0 + jitter) + g**2)[:, None] + tau2
+        variances.append(np.maximum(prior_var - explained, (g**2)[:, None]))
+        weights.append(w[i][picked[1][sel], picked[2][sel]])
+    hyper_mean = np.array([np.sum(w * np.exp(axes[0])[:, None, None]),
+                           np.sum(w * np.exp(axes[1])[None, :, None]),
+                           np.sum(w * np.exp(axes[2])[None, None, :])])
+    info = {"engine": "quadrature", "points": count,
+            "effective_points": float(1.0 / np.sum(w**2)),
+            "box": [[float(a[0]), float(a[-1])] for a in axes],
+            "hyper_mean": hyper_mean.tolist()}
+    return GaussianMixturePredictive(np.concatenate(weights), np.concatenate(means),
+                                     np.concatenate(variances), info)

@@ -37,10 +37,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def kernel_matrix(kernel: str, x1: Float[Array, "n D"], x2: Float[Array, "m D"],
-                  lengthscale: Array, outputscale: Array) -> Float[Array, "n m"]:
+                  lengthscale: Array, outputscale: Array, *, xp: Any = jnp
+                  ) -> Float[Array, "n m"]:
     """Covariance matrix s^2 r(|x - x'| / l) for `kernel` in ("rbf", "matern52").
 
     RBF: r(d) = exp(-d^2 / 2); Matern-5/2: r(d) = (1 + sqrt5 d + 5 d^2 / 3) exp(-sqrt5 d).
+    `xp` is the array module: jax.numpy (default, traceable) or numpy (float64 on the host).
 
     Example:
         >>> import jax.numpy as jnp
@@ -49,13 +51,13 @@ def kernel_matrix(kernel: str, x1: Float[Array, "n D"], x2: Float[Array, "m D"],
         2.4261
     """
     diff = (x1[:, None, :] - x2[None, :, :]) / lengthscale
-    d2 = jnp.sum(diff**2, -1)
+    d2 = xp.sum(diff**2, -1)
     if kernel == "rbf":
-        r = jnp.exp(-0.5 * d2)
+        r = xp.exp(-0.5 * d2)
     elif kernel == "matern52":
         # the gradient of sqrt at 0 is infinite: take sqrt of a floored value, then mask
-        d = jnp.where(d2 > 0, jnp.sqrt(jnp.where(d2 > 0, d2, 1.0)), 0.0)
-        r = (1.0 + math.sqrt(5.0) * d + 5.0 / 3.0 * d2) * jnp.exp(-math.sqrt(5.0) * d)
+        d = xp.where(d2 > 0, xp.sqrt(xp.where(d2 > 0, d2, 1.0)), 0.0)
+        r = (1.0 + math.sqrt(5.0) * d + 5.0 / 3.0 * d2) * xp.exp(-math.sqrt(5.0) * d)
     else:
         raise ValueError(f"kernel: expected one of {KERNELS}; got {kernel!r}")
     return outputscale**2 * r
