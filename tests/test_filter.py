@@ -197,6 +197,7 @@ def test_nonlinear_model_is_equivariant_about_the_sensor_and_not_without_its_fra
     assert errors["raw"] > 1e-2
 
 
+@pytest.mark.slow  # 20-30 s: the default tier is kept under 15 minutes
 def test_frame_of_the_nonlinear_task_trains_on_what_inference_answers():
     """The training loss in the canonical frame equals -log q(theta) of the posterior that the
     inference path returns in the user's coordinates; bearings across the +-pi cut land on
@@ -331,6 +332,7 @@ def test_shipped_nonlinear_model_tracks_like_the_unscented_filter_and_a_blind_on
     assert np.mean(gaps_blind) > 0.25, gaps_blind
 
 
+@pytest.mark.slow  # 20-30 s: the default tier is kept under 15 minutes
 def test_static_task_window_paths_agree_and_roll_over():
     """A static task conditions its anchor prior on all outcomes so far; past the window the
     posterior becomes the new anchor. The parallel path (the default here: each window's steps

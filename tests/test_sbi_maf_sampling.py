@@ -95,6 +95,7 @@ def test_high_dimensions_scan_over_layers(monkeypatch):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # 20-30 s: the default tier is kept under 15 minutes
 def test_npe_posterior_samples_with_it(tmp_path):
     task = sbi.tasks.get("gaussian_linear")
     # two MAFs: stacked members of one group

@@ -112,6 +112,7 @@ def test_checkpoint_errors(tmp_path, tiny_model_path):
         fb.load(nohead)
 
 
+@pytest.mark.slow  # 20-30 s: the default tier is kept under 15 minutes
 def test_init_starts_from_a_models_weights(tmp_path, tiny_model_path, tiny_cfg):
     """Fine-tuning: `init` starts the run from a model's weights (a step at a vanishing
     learning rate leaves them as they were, where a fresh run's differ), the checkpoints record
