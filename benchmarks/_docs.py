@@ -140,14 +140,16 @@ SECTIONS = [
      "--name sbibm_unseen_1e3_flat` (`benchmarks/results/sbibm_unseen_1e3_flat.json`): as at "
      "10^4, with the estimators of the 10^3 runs; see docs/sbi.md."),
     ("gp_eval_1000.md", "GP posterior predictives: 1,000 held-out data sets",
-     "From `python benchmarks/gp_eval.py --methods oracle pfn dt --tasks-per-n 100` "
-     "(`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT variant against the "
-     "oracle GP (true hyperparameters); NLPD in nats per query point; see docs/gp.md."),
+     "From `python benchmarks/gp_eval.py --methods oracle type2_ml quadrature pfn dt "
+     "--tasks-per-n 100` (`benchmarks/results/gp_eval_1000.json`): the shipped PFN and DT "
+     "variant against the Bayes-optimal predictive by quadrature over the hyperparameters, "
+     "type-II ML and the oracle GP (true hyperparameters); NLPD in nats per query point; see "
+     "docs/gp.md."),
     ("gp_eval_nuts60.md", "GP posterior predictives against NUTS (60 of those data sets)",
      "From `python benchmarks/gp_eval.py --tasks-per-n 6` "
      "(`benchmarks/results/gp_eval_nuts60.json`): the first 6 data sets per n of the 1,000, "
-     "with NUTS over the hyperparameters (the Bayes-optimal predictive) and type-II ML; see "
-     "docs/gp.md."),
+     "with NUTS over the hyperparameters (the Bayes-optimal predictive), the same by "
+     "quadrature, and type-II ML; see docs/gp.md."),
     ("posteriordb.md", "Reference engines on posteriordb",
      "From `flashbayes bench posteriordb --out benchmarks/results` "
      "(`benchmarks/results/posteriordb.json`); see docs/reference.md for the settings and the "
