@@ -179,6 +179,10 @@ def test_quadrature_approaches_oracle_under_tight_hyperprior_and_converges_in_th
     base = gp_quadrature(task, p.context_x, p.context_y, p.query_x)
     fine = gp_quadrature(task, p.context_x, p.context_y, p.query_x, grid=36, rounds=4)
     assert _nlpd_gap(base, fine, y) < 1e-3
+    # a first grid of +-0.5 prior sd misses most of the posterior: the grids move out to it
+    narrow = gp_quadrature(task, p.context_x, p.context_y, p.query_x, width=0.5)
+    assert narrow.info["grids"] > 4 and not narrow.info["open_edge"]
+    assert _nlpd_gap(base, narrow, y) < 1e-3
     assert base.info["effective_points"] > 20  # the posterior is spread over many grid points
     for bad in ({"grid": 1}, {"rounds": -1}, {"eps": 0.0}, {"width": float("nan")}):
         with pytest.raises(ValueError, match="expected"):
