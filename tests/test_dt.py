@@ -143,6 +143,7 @@ def test_bad_inputs():
         model.posterior(prob.prior, np.zeros((25, 2)))
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_zero_weight_component_stays_finite_and_zero():
     task = fb.tasks.get("gmm_linear")
     model = AmortizedPosterior(_perturbed_net(task), task)

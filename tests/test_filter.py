@@ -387,6 +387,7 @@ def test_parallel_path_with_fewer_components_than_the_model_holds(k):
     assert np.abs(a[1][-1] - a[1][0]).max() > 1e-3  # the posterior moved
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_qubit_outcomes_reach_the_network_as_features_that_keep_them(tmp_path):
     """Each outcome (t, y) reaches the network as features at the prior's mean: t and y come
     back exactly, and the signed decay-times-phase feature is the outcome's probability at the

@@ -54,6 +54,7 @@ def test_same_draws_as_flowjax(dim, cond_dim, width, depth, spline):
     assert np.max(np.abs(other - theirs)) > 1e-2
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_layout_refuses_flows_it_does_not_understand():
     flow = _maf(4, 3, 12, 2)
     assert maf_layout(flow) is not None

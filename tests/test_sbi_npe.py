@@ -71,6 +71,7 @@ def test_bounded_support_gets_all_the_mass(head, interval_map):
     assert np.isneginf(outside[:2]).all() and np.isfinite(outside[2])
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_log_prob_integrates_to_one_on_a_box():
     # the change of variables is right: the density over theta integrates to one on the box
     prior = dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1)
@@ -134,7 +135,8 @@ def test_early_stopping_stops_and_keeps_the_best_weights():
     assert est.config["best_val_loss"] == pytest.approx(val.min())
 
 
-@pytest.mark.parametrize("head", ["gmm", pytest.param("nsf", marks=pytest.mark.slow), "maf"])
+@pytest.mark.parametrize("head", ["gmm", pytest.param("nsf", marks=pytest.mark.slow),
+                                  pytest.param("maf", marks=pytest.mark.slow)])
 def test_save_load_round_trip(tmp_path, head):
     prior, simulator = _linear_task()
     est = sbi.train_npe(prior, simulator, 200, key=jax.random.key(7), head=head, max_epochs=2,
@@ -198,6 +200,7 @@ def test_only_successful_simulations_are_used():
     assert bool(jnp.all(jnp.isfinite(est2.stats["x_mean"])))
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_set_and_series_embeddings():
     key = jax.random.key(0)
     emb = make_embedding("set", (6, 2), key=key, dim=4)

@@ -129,7 +129,8 @@ def test_wrong_simulator_fails_the_likelihood_check():
     assert abs(z) > 10
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sir" else n
+                                  for n in NAMES])
 def test_observations_are_typical_under_the_simulator(name):
     # log p(x_obs | theta_true) lies inside the spread of log p(x | theta_true), x ~ simulator
     task = tasks.get(name)
