@@ -221,6 +221,7 @@ def test_set_and_series_embeddings():
     assert est.posterior(np.zeros((8, 1))).sample(key, 5).shape == (5, 1)
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_flat_observations_read_as_a_set_of_points(tmp_path):
     """`set_points`: a flat x holding i.i.d. points one after another (sbibm's slcp) is z-scored
     with shared statistics and summarised in any order of the points; it survives a round trip
@@ -396,6 +397,7 @@ def _members(est):
     return out
 
 
+@pytest.mark.slow  # 15-20 s: the default tier is kept under 15 minutes
 def test_ensemble_is_the_weighted_mixture_of_its_members(tmp_path):
     prior = dist.Uniform(jnp.zeros(2), jnp.ones(2)).to_event(1)
 

@@ -273,13 +273,15 @@ def pfn_expected_loss(network: PFN, batch) -> Array:
     (Rao-Blackwellisation).
 
     Example:
-        >>> import jax, numpy as np
+        >>> import equinox as eqx, jax, numpy as np
         >>> import flashbayes as fb
         >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=6)
         >>> cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 11)), d_model=16,
         ...                 n_layers=1)
-        >>> batch = task.sample_batch_exact(jax.random.key(0), 2, n_query=3)
-        >>> float(pfn_expected_loss(PFN(cfg, key=jax.random.key(1)), batch)) > 0
+        >>> batch = jax.jit(lambda k: task.sample_batch_exact(k, 2, n_query=3))(
+        ...     jax.random.key(0))
+        >>> loss = eqx.filter_jit(pfn_expected_loss)(PFN(cfg, key=jax.random.key(1)), batch)
+        >>> float(loss) > 0
         True
     """
     data, mean, var = batch
