@@ -23,6 +23,7 @@ from flashbayes.amortized import TrainConfig, fit_network, request_cpu_devices
 from flashbayes.amortized._pfn import (
     PFN,
     PFNConfig,
+    frame_borders,
     load_pfn,
     pfn_expected_loss,
     pfn_loss,
@@ -52,6 +53,9 @@ def main(argv=None):
                     help="sample: -log q(y*) of the drawn query values; expected: -E[log q(y*)] "
                          "under the exact predictive given the true hyperparameters (the same "
                          "minimiser, no noise from y*)")
+    ap.add_argument("--y-standardize", action="store_true",
+                    help="read y in each data set's own frame (context mean and sd shrunk to "
+                         "the prior predictive's by one pseudo-point; PFNConfig.y_standardize)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--devices", type=int, default=1, help="data-parallel CPU devices")
@@ -69,10 +73,15 @@ def main(argv=None):
         net, init_header = load_pfn(args.init)
         cfg = net.config
     else:
-        borders = prior_borders(task, k_borders, args.buckets)
+        frame = {}
+        if args.y_standardize:
+            borders, m0, s0 = frame_borders(task, k_borders, args.buckets)
+            frame = {"y_standardize": True, "y_prior_mean": m0, "y_prior_sd": s0}
+        else:
+            borders = prior_borders(task, k_borders, args.buckets)
         cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
                         n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                        head=args.head, n_components=args.components)
+                        head=args.head, n_components=args.components, **frame)
         net = PFN(cfg, key=k_net)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,

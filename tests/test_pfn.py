@@ -17,12 +17,21 @@ from flashbayes.amortized._pfn import (
 )
 
 
-def _net(seed=0, layers=2):
-    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=layers)
+def _net(seed=0, layers=2, head="bar", framed=False):
+    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=layers,
+                    head=head, n_components=3, y_standardize=framed, y_prior_mean=0.3,
+                    y_prior_sd=1.4)
     net = PFN(cfg, key=jax.random.key(seed))
     # a trained-like head: random output weights, so the checks below are not trivially met
     w = 0.3 * jax.random.normal(jax.random.key(seed + 1), net.head.weight.shape)
-    return eqx.tree_at(lambda n: n.head.weight, net, w)
+    net = eqx.tree_at(lambda n: n.head.weight, net, w)
+    if framed:  # the frame's features in use too
+        w = jax.random.normal(jax.random.key(seed + 2), net.frame_embed.weight.shape)
+        net = eqx.tree_at(lambda n: n.frame_embed.weight, net, w)
+    return net
+
+
+_VARIANTS = [("bar", False), ("gmm", False), ("bar", True), ("gmm", True)]
 
 
 def _data(seed=0, n=7, m=5):
@@ -79,6 +88,68 @@ def test_padding_mask_invariance():
     assert np.max(np.abs(a - c)) > 1e-3
 
 
+def test_context_frame_is_the_shrunk_mean_and_sd_of_the_context():
+    """loc = (sum y + m0) / (n + 1), scale^2 = (sum (y - loc)^2 + (m0 - loc)^2 + s0^2) / (n + 1)
+    over the unmasked rows; without y_standardize the frame is (0, 1)."""
+    from flashbayes.amortized._pfn import context_frame
+
+    cfg = _net(framed=True).config
+    y = np.array([4.0, 4.5, 3.5, 4.2, 100.0])
+    mask = np.array([True, True, True, True, False])
+    loc, scale = (float(v) for v in context_frame(cfg, jnp.asarray(y), jnp.asarray(mask)))
+    both = np.concatenate([y[mask], [cfg.y_prior_mean]])
+    want_loc = both.mean()
+    want_var = (np.sum((both - want_loc) ** 2) + cfg.y_prior_sd**2) / both.size
+    assert loc == pytest.approx(want_loc, rel=1e-6)
+    assert scale == pytest.approx(np.sqrt(want_var), rel=1e-6)
+    # the plain mean and sd of the context are not it (the pseudo-point counts)
+    assert abs(loc - y[mask].mean()) > 0.5 and abs(scale - y[mask].std()) > 1.0
+    # an empty context is the prior predictive's frame; an unframed config is (0, 1)
+    empty = context_frame(cfg, jnp.asarray(y), jnp.zeros(5, bool))
+    np.testing.assert_allclose(np.asarray(empty), [cfg.y_prior_mean, cfg.y_prior_sd], rtol=1e-6)
+    assert [float(v) for v in context_frame(_net().config, jnp.asarray(y),
+                                            jnp.asarray(mask))] == [0.0, 1.0]
+
+
+def test_framed_predictive_is_a_density_in_the_users_units():
+    """With the context frame, the predictive's borders move with the data set: the density
+    integrates to one over y, its log density is the network's `log_density` (computed in the
+    frame's units), and its middle sits near the context's location."""
+    net = _net(framed=True)
+    cx, cy, cm, qx = _data()
+    cy = 100.0 + 20.0 * cy
+    pred = net.predictive(cx, cy, cm, qx)
+    grid = np.linspace(-400.0, 600.0, 400_001)[:, None]
+    dens = np.exp(np.asarray(pred.log_prob(jnp.asarray(grid, jnp.float32)), np.float64))
+    np.testing.assert_allclose(np.trapezoid(dens, grid[:, 0], axis=0), 1.0, atol=2e-3)
+    qy = jnp.array([90.0, 100.0, 130.0, 60.0, 101.0])
+    np.testing.assert_allclose(np.asarray(net.log_density(cx, cy, cm, qx, qy)),
+                               np.asarray(pred.log_prob(qy)), rtol=1e-5, atol=1e-5)
+    median = np.asarray(pred.quantile(jnp.full(5, 0.5)))
+    assert np.all(np.abs(median - 100.0) < 60.0)
+    # the head's answer not mapped back (its borders read in y's units): another density
+    from flashbayes.distributions import BarDistribution
+
+    unmapped = BarDistribution(jnp.asarray(net.config.borders, jnp.float32), net(cx, cy, cm, qx))
+    assert np.max(np.abs(np.asarray(unmapped.log_prob(qy)) - np.asarray(pred.log_prob(qy)))) > 1
+
+
+def test_frame_borders_are_in_the_frames_units():
+    """`frame_borders`: the prior predictive's mean and sd (for the shipped hyperprior,
+    0 and sqrt(E s^2 + E sigma^2 + 0.5^2) = sqrt(e^0.5 (1 + 0.01) + 0.25) = 1.384), and
+    borders of query values in their data set's frame: centred, unit-scale quantiles."""
+    from flashbayes.amortized._pfn import frame_borders
+
+    task = fb.tasks.get_predictive("gp_hyperprior")
+    b, m0, s0 = frame_borders(task, jax.random.key(0), 20, n_samples=100_000)
+    assert abs(m0) < 0.07
+    assert s0 == pytest.approx(np.sqrt(np.exp(0.5) * 1.01 + 0.25), rel=0.05)
+    assert b.shape == (21,) and np.all(np.diff(b) > 0)
+    assert abs(b[10]) < 0.1 and 0.6 < (b[15] - b[5]) / 1.349 < 1.4
+    raw = prior_borders(task, jax.random.key(0), 20, n_samples=100_000)
+    assert np.max(np.abs(b - raw)) > 0.2  # not the raw prior quantiles
+
+
 def test_loss_on_a_task_batch_and_gradient():
     task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=12)
     # compiled: the same values as op-by-op, without dispatching every op of the backward pass
@@ -89,31 +160,34 @@ def test_loss_on_a_task_batch_and_gradient():
     assert np.isfinite(float(jnp.sum(grads.head.bias)))
 
 
-@pytest.mark.parametrize("head", ["bar", "gmm"])
-def test_expected_log_density_against_quadrature(head):
+@pytest.mark.parametrize(("head", "framed"), _VARIANTS)
+def test_expected_log_density_against_quadrature(head, framed):
     """E[log q(Y)] under a Gaussian per query (the Rao-Blackwellised loss's terms): the bar
     head's closed form and the gmm head's Gauss-Hermite rule against a fine grid, with a
-    non-trivial head; a Gaussian of another spread misses by far more than the tolerance."""
-    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=2,
-                    head=head, n_components=3)
-    net = PFN(cfg, key=jax.random.key(0))
-    w = 0.3 * jax.random.normal(jax.random.key(1), net.head.weight.shape)
-    net = eqx.tree_at(lambda n: n.head.weight, net, w)
+    non-trivial head; a Gaussian moved and spread misses by far more than the tolerance. With
+    the context frame, the loss is computed in the frame's units and the grid's density in
+    y's units (the borders moved and scaled), so the check also ties the two together."""
+    from flashbayes.amortized._pfn import context_frame
+
+    net = _net(layers=2, head=head, framed=framed)
     cx, cy, cm, qx = _data(m=4)
+    if framed:
+        cy = 1.5 + 2.0 * cy  # a context whose frame is far from (0, 1)
     mean, var = jnp.array([0.2, -1.0, 2.5, 0.0]), jnp.array([0.5, 0.05, 1.0, 3.0])
     got = np.asarray(net.expected_log_density(cx, cy, cm, qx, mean, var), np.float64)
     sd = np.sqrt(np.asarray(var, np.float64))
     grid = np.asarray(mean, np.float64) + sd * np.linspace(-12, 12, 100_001)[:, None]
     out = net(cx, cy, cm, qx)  # the network once; its predictive on the whole grid
+    frame = context_frame(net.config, cy, cm)
     if head == "bar":
-        lq = net.distribution(out).log_prob(jnp.asarray(grid, jnp.float32))
+        lq = net.distribution(out, *frame).log_prob(jnp.asarray(grid, jnp.float32))
     else:
-        lq = net._gmm_log_density(out, jnp.asarray(grid.T, jnp.float32)).T
+        lq = net._gmm_log_density(out, jnp.asarray(grid.T, jnp.float32), frame).T
     lq = np.asarray(lq, np.float64)
     dens = np.exp(-0.5 * ((grid - np.asarray(mean)) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
     want = np.trapezoid(dens * lq, grid, axis=0)
     np.testing.assert_allclose(got, want, atol=2e-3)
-    other = np.asarray(net.expected_log_density(cx, cy, cm, qx, mean, 1.5 * var))
+    other = np.asarray(net.expected_log_density(cx, cy, cm, qx, mean + 1.0, 1.5 * var))
     assert np.max(np.abs(other - want)) > 2e-2
 
 
@@ -142,6 +216,15 @@ def test_expected_loss_is_the_mean_of_the_sampled_loss():
 def test_config_validation_and_round_trip():
     cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-1, 1, 5)))
     assert PFNConfig.from_dict(cfg.to_dict()) == cfg
+    framed = dataclasses.replace(cfg, y_standardize=True, y_prior_mean=0.2, y_prior_sd=1.3)
+    assert PFNConfig.from_dict(framed.to_dict()) == framed
+    # a configuration written before the frame existed reads as one without it
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("y_")}
+    assert not PFNConfig.from_dict(old).y_standardize
+    with pytest.raises(ValueError, match="y_prior_sd"):
+        dataclasses.replace(cfg, y_prior_sd=0.0)
+    with pytest.raises(ValueError, match="y_standardize: expected true or false"):
+        dataclasses.replace(cfg, y_standardize="yes")
     with pytest.raises(ValueError, match="increasing"):
         PFNConfig(x_dim=1, borders=(0.0, 1.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="multiple of n_heads"):
@@ -188,22 +271,21 @@ def test_predictor_pads_validates_and_refuses_out_of_range():
         model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))
 
 
-@pytest.mark.parametrize("head", ["bar", "gmm"])
-def test_predictor_answers_every_query_count_as_the_network_does(head):
+@pytest.mark.parametrize(("head", "framed"), [
+    *_VARIANTS[:3], pytest.param(*_VARIANTS[3], marks=pytest.mark.slow)])
+def test_predictor_answers_every_query_count_as_the_network_does(head, framed):
     """The predictor pads context and queries to a few sizes (multiples of 8 up to 128, then
     geometric buckets) and forms the predictive inside its compiled call; for 8 queries (no
-    padding), 13 and 130 its densities are the network's own on the unpadded problem."""
+    padding), 13 and 130 its densities are the network's own on the unpadded problem (with the
+    context frame: padded rows leave the frame alone)."""
     from flashbayes.amortized._pfn import PFNPredictor, _pad_size
 
     assert [_pad_size(n) for n in (1, 8, 9, 100, 128, 129)] == [8, 8, 16, 104, 128, 192]
-    cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=1,
-                    head=head, n_components=3)
-    net = PFN(cfg, key=jax.random.key(0))
-    net = eqx.tree_at(lambda n: n.head.weight, net,
-                      0.3 * jax.random.normal(jax.random.key(1), net.head.weight.shape))
+    net = _net(layers=1, head=head, framed=framed)
     model = PFNPredictor(net, fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10))
     for m in (8, 13, 130):
         cx, cy, cm, qx = _data(n=7, m=m)
+        cy = 1.5 + 2.0 * cy
         qy = jnp.linspace(-2.0, 2.0, m)
         pred = model.predictive(np.asarray(cx), np.asarray(cy), np.asarray(qx))
         got = np.asarray(pred.log_prob(qy))
@@ -246,18 +328,23 @@ def test_load_pfn_refuses_other_checkpoints(tmp_path):
         load_pfn(path)
 
 
-def test_predictor_save_and_load_round_trip(tmp_path):
+@pytest.mark.parametrize("framed", [False, True])
+def test_predictor_save_and_load_round_trip(tmp_path, framed):
     from flashbayes.amortized._checkpoint import CheckpointError
     from flashbayes.amortized._pfn import PFNPredictor, load_predictor
 
     task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
-    model = PFNPredictor(_net(), task, {"step": 7})
+    model = PFNPredictor(_net(framed=framed), task, {"step": 7})
     path = model.save(tmp_path / "m.safetensors")
     loaded = load_predictor(path)
     assert loaded.task.n_max == 10 and loaded.task.x_dim == 2 and loaded.meta["step"] == 7
+    assert loaded.network.config == model.network.config
     cx, cy, _, qx = (np.asarray(a) for a in _data())
-    np.testing.assert_array_equal(np.asarray(loaded.predictive(cx, cy, qx).logits),
-                                  np.asarray(model.predictive(cx, cy, qx).logits))
+    a, b = loaded.predictive(cx, cy, qx), model.predictive(cx, cy, qx)
+    np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
+    np.testing.assert_array_equal(np.asarray(a.borders), np.asarray(b.borders))
+    if framed:  # the folder rules below are the same for both
+        return
     # a training folder means its latest checkpoint; an empty one is refused
     model.save(tmp_path / "run" / "ckpt_00000007.safetensors")
     assert load_predictor(tmp_path / "run").meta["path"].endswith("ckpt_00000007.safetensors")

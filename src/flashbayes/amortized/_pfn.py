@@ -52,6 +52,14 @@ class PFNConfig(ConfigDict):
             whose answer feeds the rest of the library as `fb.GMM`s). With "gmm" the borders
             only set the location and scale of y.
         n_components: mixture components of the "gmm" head.
+        y_standardize: read y in a frame of each data set's own (the "context frame"): the
+            context values are shifted and scaled by their mean and standard deviation, each
+            shrunk toward the prior predictive's (`y_prior_mean`, `y_prior_sd`) by one
+            pseudo-point; the head answers in that frame (the borders are in its units) and
+            the predictive is mapped back exactly. The frame's location and log scale are
+            also fed to the network. False: one fixed frame from the borders.
+        y_prior_mean, y_prior_sd: mean and standard deviation of the prior predictive of y
+            (the pseudo-point of `y_standardize`).
     """
 
     x_dim: int
@@ -64,6 +72,9 @@ class PFNConfig(ConfigDict):
     x_high: float = 1.0
     head: str = "bar"
     n_components: int = 10
+    y_standardize: bool = False
+    y_prior_mean: float = 0.0
+    y_prior_sd: float = 1.0
 
     _what = "PFN config"
 
@@ -82,6 +93,13 @@ class PFNConfig(ConfigDict):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got "
                              f"{self.d_model}")
+        if not isinstance(self.y_standardize, bool):
+            raise ValueError(f"y_standardize: expected true or false; got "
+                             f"{self.y_standardize!r}")
+        if not (np.isfinite(self.y_prior_mean) and np.isfinite(self.y_prior_sd)
+                and self.y_prior_sd > 0):
+            raise ValueError(f"y_prior_mean, y_prior_sd: expected finite values and a positive "
+                             f"sd; got {self.y_prior_mean}, {self.y_prior_sd}")
         if not self.x_high > self.x_low:
             raise ValueError(f"x_low, x_high: expected x_low < x_high; got {self.x_low}, "
                              f"{self.x_high}")
@@ -97,10 +115,37 @@ class PFNConfig(ConfigDict):
 
     def y_location_scale(self) -> tuple[float, float]:
         """Median and a robust standard deviation of y implied by the borders (which are prior
-        quantiles): used to standardise the context values fed to the network."""
+        quantiles; in the context frame's units with `y_standardize`): used to standardise the
+        context values fed to the network."""
         b = np.asarray(self.borders)
         k = self.n_buckets
         return float(b[k // 2]), float((b[(3 * k) // 4] - b[k // 4]) / 1.349)
+
+
+def context_frame(config: PFNConfig, context_y: Array, cmask: Array) -> tuple[Array, Array]:
+    """The location and scale of a data set's own frame for y (`PFNConfig.y_standardize`):
+    mean and standard deviation of the context values with one pseudo-point at the prior
+    predictive's mean and variance, loc = (sum y + m0) / (n + 1) and
+    scale^2 = (sum (y - loc)^2 + (m0 - loc)^2 + s0^2) / (n + 1). Without `y_standardize`:
+    (0, 1).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> cfg = PFNConfig(x_dim=1, borders=tuple(np.linspace(-3, 3, 11)), y_standardize=True,
+        ...                 y_prior_mean=0.0, y_prior_sd=1.0)
+        >>> loc, scale = context_frame(cfg, jnp.array([2.0, 4.0, 9.0]),
+        ...                            jnp.array([True, True, False]))
+        >>> round(float(loc), 4), round(float(scale), 4)
+        (2.0, 1.7321)
+    """
+    if not config.y_standardize:
+        return jnp.zeros((), context_y.dtype), jnp.ones((), context_y.dtype)
+    w = cmask.astype(context_y.dtype)
+    n = jnp.sum(w)
+    loc = (jnp.sum(w * context_y) + config.y_prior_mean) / (n + 1.0)
+    ss = (jnp.sum(w * (context_y - loc) ** 2) + (config.y_prior_mean - loc) ** 2
+          + config.y_prior_sd ** 2)
+    return loc, jnp.sqrt(ss / (n + 1.0))
 
 
 class _Block(eqx.Module):
@@ -159,6 +204,7 @@ class PFN(eqx.Module):
     blocks: list
     ln_out: eqx.nn.LayerNorm
     head: eqx.nn.Linear
+    frame_embed: eqx.nn.Linear | None
 
     def __init__(self, config: PFNConfig, *, key: Array):
         dm = config.d_model
@@ -166,6 +212,12 @@ class PFN(eqx.Module):
         self.config = config
         self.x_embed = _MLP([config.x_dim, dm, dm], key=keys[0])
         self.y_embed = eqx.nn.Linear(1, dm, key=keys[1])
+        self.frame_embed = None
+        if config.y_standardize:  # starts at zero: the frame is an input the network may learn
+            frame = eqx.nn.Linear(2, dm, key=jax.random.fold_in(keys[1], 1))
+            self.frame_embed = eqx.tree_at(lambda f: (f.weight, f.bias), frame,
+                                           (jnp.zeros_like(frame.weight),
+                                            jnp.zeros_like(frame.bias)))
         self.query_token = 0.02 * jax.random.normal(keys[2], (dm,))
         self.null_token = 0.02 * jax.random.normal(keys[3], (dm,))
         self.blocks = [_Block(dm, config.n_heads, config.mlp_ratio, key=k)
@@ -187,11 +239,15 @@ class PFN(eqx.Module):
         def unit(x):
             return 2.0 * (x - cfg.x_low) / (cfg.x_high - cfg.x_low) - 1.0
 
-        cy = jnp.where(cmask, (context_y - y_loc) / y_scale, 0.0)
+        f_loc, f_scale = context_frame(cfg, context_y, cmask)
+        cy = jnp.where(cmask, ((context_y - f_loc) / f_scale - y_loc) / y_scale, 0.0)
         ctx = (jax.vmap(self.x_embed)(unit(context_x))
                + jax.vmap(self.y_embed)(cy[:, None]))
         qry = jax.vmap(self.x_embed)(unit(query_x)) + self.query_token
         tok = jnp.concatenate([self.null_token[None], ctx, qry], 0)
+        if self.frame_embed is not None:
+            tok = tok + self.frame_embed(jnp.stack([
+                (f_loc - cfg.y_prior_mean) / cfg.y_prior_sd, jnp.log(f_scale / cfg.y_prior_sd)]))
         n_ctx = 1 + context_x.shape[0]
         kv_mask = jnp.concatenate([jnp.ones((1,), bool), cmask])
         for block in self.blocks[:-1]:
@@ -202,7 +258,8 @@ class PFN(eqx.Module):
     def predictive(self, context_x, context_y, cmask, query_x):
         """The predictive of y* at each of the M query points: a bar distribution (batch shape
         (M,)) or, for the "gmm" head, a `GaussianMixturePredictive` over M points."""
-        return self.distribution(self(context_x, context_y, cmask, query_x))
+        return self.distribution(self(context_x, context_y, cmask, query_x),
+                                 *context_frame(self.config, context_y, cmask))
 
     def _gmm_parts(self, out):
         """(log weights, means, standard deviations), each (M, K), from the gmm head."""
@@ -213,12 +270,17 @@ class PFN(eqx.Module):
         sd = y_scale * (jax.nn.softplus(out[..., 2 * k:] + _SOFTPLUS_ONE) + 1e-3)
         return logw, mu, sd
 
-    def distribution(self, out, y_shift: float = 0.0, y_scale: float = 1.0):
+    def distribution(self, out, y_shift=0.0, y_scale=1.0):
         """The predictive from the head's output `out` (M, n_outputs), mapped to other units by
-        y = y_shift + y_scale * y (exactly: bar borders, or mixture means and scales)."""
+        y = y_shift + y_scale * y (exactly: bar borders, or mixture means and scales); with
+        `y_standardize`, pass the data set's `context_frame` (or compose it with the user's
+        units)."""
         if self.config.head == "bar":
-            borders = np.asarray(self.config.borders, np.float64) * y_scale + y_shift
-            return BarDistribution(jnp.asarray(borders, out.dtype), out)
+            if isinstance(y_shift, float) and isinstance(y_scale, float):
+                borders = np.asarray(self.config.borders, np.float64) * y_scale + y_shift
+                return BarDistribution(jnp.asarray(borders, out.dtype), out)
+            borders = jnp.asarray(self.config.borders, out.dtype) * y_scale + y_shift
+            return BarDistribution(borders, out)
         logw, mu, sd = self._gmm_parts(out)
         return GaussianMixturePredictive(jnp.exp(logw).T, (y_shift + y_scale * mu).T,
                                          ((y_scale * sd) ** 2).T)
@@ -227,14 +289,17 @@ class PFN(eqx.Module):
         """(M,) log predictive density of the query values (the training objective's terms;
         the "gmm" head's in log space throughout)."""
         out = self(context_x, context_y, cmask, query_x)
-        if self.config.head == "bar":
-            return self.distribution(out).log_prob(query_y)
-        return self._gmm_log_density(out, query_y)
+        loc, scale = context_frame(self.config, context_y, cmask)
+        if self.config.head == "bar":  # in the frame's units: fixed borders, a cheaper program
+            return self.distribution(out).log_prob((query_y - loc) / scale) - jnp.log(scale)
+        return self._gmm_log_density(out, query_y, (loc, scale))
 
-    def _gmm_log_density(self, out, y):
+    def _gmm_log_density(self, out, y, frame):
         """Log density of the gmm head's mixtures at y (M, ...): query point j's mixture at
-        every value of y[j], in log space throughout."""
+        every value of y[j], in log space throughout; `frame` is the data set's
+        `context_frame`."""
         logw, mu, sd = self._gmm_parts(out)
+        mu, sd = frame[0] + frame[1] * mu, frame[1] * sd
         expand = (slice(None),) + (None,) * (y.ndim - 1)
         logw, mu, sd = logw[expand], mu[expand], sd[expand]
         z = (y[..., None] - mu) / sd
@@ -246,11 +311,14 @@ class PFN(eqx.Module):
         predictive: in closed form for the bar head (`BarDistribution.expected_log_prob`), by
         Gauss-Hermite quadrature with 24 nodes for the gmm head (its log density is smooth)."""
         out = self(context_x, context_y, cmask, query_x)
-        if self.config.head == "bar":
-            return self.distribution(out).expected_log_prob(mean, var)
+        frame = context_frame(self.config, context_y, cmask)
+        if self.config.head == "bar":  # in the frame's units, as in `log_density`
+            loc, scale = frame
+            return (self.distribution(out).expected_log_prob((mean - loc) / scale, var / scale**2)
+                    - jnp.log(scale))
         nodes, weights = np.polynomial.hermite.hermgauss(_GH_NODES)
         y = mean[:, None] + np.sqrt(2.0) * jnp.sqrt(var)[:, None] * nodes  # (M, nodes)
-        return self._gmm_log_density(out, y) @ (weights / np.sqrt(np.pi))
+        return self._gmm_log_density(out, y, frame) @ (weights / np.sqrt(np.pi))
 
 
 def pfn_loss(network: PFN, batch) -> Array:
@@ -308,6 +376,35 @@ def prior_borders(task, key: Array, n_buckets: int, *, n_samples: int = 200_000)
     batch = max(1, -(-int(n_samples) // n_query))
     draws = jax.jit(lambda k: task.sample_batch(k, batch, n_query=n_query).query_y)(key)
     return bar_borders(np.asarray(draws, np.float64), n_buckets)
+
+
+def frame_borders(task, key: Array, n_buckets: int, *,
+                  n_samples: int = 200_000) -> tuple[np.ndarray, float, float]:
+    """Bar borders for a PFN with `y_standardize`: (borders, y_prior_mean, y_prior_sd), where
+    the mean and standard deviation are those of the prior predictive of y and the borders are
+    quantiles of query values in their data set's `context_frame` (the units the network
+    answers in), from `n_samples` values drawn from the task.
+
+    Example:
+        >>> import jax
+        >>> import flashbayes as fb
+        >>> task = fb.tasks.get_predictive("gp_hyperprior", n_max=4)
+        >>> b, m0, s0 = frame_borders(task, jax.random.key(0), 10, n_samples=2000)
+        >>> b.shape, s0 > 0
+        ((11,), True)
+    """
+    n_query = 50
+    batch = max(1, -(-int(n_samples) // n_query))
+    data = jax.jit(lambda k: task.sample_batch(k, batch, n_query=n_query))(key)
+    qy = np.asarray(data.query_y, np.float64)
+    m0, s0 = float(qy.mean()), float(qy.std())
+    cfg = PFNConfig(x_dim=task.x_dim, borders=(0.0, 1.0, 2.0, 3.0), y_standardize=True,
+                    y_prior_mean=m0, y_prior_sd=s0)
+    loc, scale = jax.vmap(lambda cy, cm: context_frame(cfg, cy, cm))(
+        jnp.asarray(data.context_y, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
+        data.cmask)
+    z = (qy - np.asarray(loc, np.float64)[:, None]) / np.asarray(scale, np.float64)[:, None]
+    return bar_borders(z, n_buckets), m0, s0
 
 
 def load_pfn(path: str | os.PathLike) -> tuple[PFN, dict]:
@@ -389,12 +486,17 @@ class PFNPredictor:
         self._leaves, treedef = jax.tree_util.tree_flatten(params)
         bar = network.config.head == "bar"
 
+        framed = network.config.y_standardize
+
         def run(leaves, cx, cy, cm, qx):
             net = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
             out = net(cx, cy, cm, qx)
-            if bar:
-                return (out,)
+            loc, scale = context_frame(net.config, cy, cm)
+            if bar:  # the borders in y's units when the data set sets the frame
+                return (out, loc + scale * jnp.asarray(net.config.borders, out.dtype)) \
+                    if framed else (out,)
             logw, mu, sd = net._gmm_parts(out)
+            mu, sd = loc + scale * mu, scale * sd
             return jnp.exp(logw).T, mu.T, sd.T, (sd**2).T
 
         self._run = jax.jit(run)
@@ -493,11 +595,12 @@ class PFNPredictor:
         qp[:m] = qx
         out = self._run(self._leaves, xp, yp, np.arange(width) < n, qp)
         standard = y_shift == 0.0 and y_scale == 1.0
-        if self._borders is not None:
+        if self.network.config.head == "bar":
             logits = out[0] if m == mq else out[0][:m]
+            borders = out[1] if len(out) > 1 else self._borders
             if standard:
-                return BarDistribution(self._borders, logits)
-            return self.network.distribution(logits, y_shift, y_scale)
+                return BarDistribution(borders, logits)
+            return BarDistribution(y_shift + y_scale * borders, logits)
         w, mu, sd, var = (a if m == mq else np.asarray(a)[:, :m] for a in out)
         if standard:
             return GaussianMixturePredictive(w, mu, var)
