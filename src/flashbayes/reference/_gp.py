@@ -264,9 +264,13 @@ def gp_quadrature(task, context_x, context_y, query_x, *, grid: int = 24, coarse
     def kern(a, b, lengthscale):
         return kernel_matrix(task.kernel, a, b, lengthscale, 1.0, xp=np)
 
+    eigs = {}  # lengthscale -> eigendecomposition, for the latest grid (its predictive too)
+
     def eig(lengthscale):
-        lam, u = np.linalg.eigh(kern(cx, cx, lengthscale))
-        return np.maximum(lam, 0.0), u
+        if lengthscale not in eigs:
+            lam, u = np.linalg.eigh(kern(cx, cx, lengthscale))
+            eigs[lengthscale] = np.maximum(lam, 0.0), u
+        return eigs[lengthscale]
 
     def parts(lam, u, s, sigma):
         """With C0 = U diag(d) U^T the covariance of the centred context without the mean's
@@ -278,6 +282,7 @@ def gp_quadrature(task, context_x, context_y, query_x, *, grid: int = 24, coarse
 
     def log_post(axes):
         ls, ss, gs = axes
+        eigs.clear()
         s, g = np.meshgrid(np.exp(ss), np.exp(gs), indexing="ij")
         out = np.empty((len(ls), len(ss), len(gs)))
         for i, zl in enumerate(ls):
