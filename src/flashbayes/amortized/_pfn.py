@@ -597,10 +597,13 @@ class PFNPredictor:
         standard = y_shift == 0.0 and y_scale == 1.0
         if self.network.config.head == "bar":
             logits = out[0] if m == mq else out[0][:m]
-            borders = out[1] if len(out) > 1 else self._borders
+            if len(out) == 1:  # the fixed frame: borders mapped in float64 on the host
+                return (BarDistribution(self._borders, logits) if standard else
+                        self.network.distribution(logits, y_shift, y_scale))
             if standard:
-                return BarDistribution(borders, logits)
-            return BarDistribution(y_shift + y_scale * borders, logits)
+                return BarDistribution(out[1], logits)
+            borders = y_shift + y_scale * np.asarray(out[1], np.float64)
+            return BarDistribution(borders.astype(logits.dtype), logits)
         w, mu, sd, var = (a if m == mq else np.asarray(a)[:, :m] for a in out)
         if standard:
             return GaussianMixturePredictive(w, mu, var)
