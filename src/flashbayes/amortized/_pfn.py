@@ -261,13 +261,14 @@ class PFN(eqx.Module):
         return self.distribution(self(context_x, context_y, cmask, query_x),
                                  *context_frame(self.config, context_y, cmask))
 
-    def _gmm_parts(self, out):
-        """(log weights, means, standard deviations), each (M, K), from the gmm head."""
+    def _gmm_parts(self, out, y_shift=0.0, y_scale=1.0):
+        """(log weights, means, standard deviations), each (M, K), from the gmm head, mapped to
+        other units by y = y_shift + y_scale * y (a data set's `context_frame`, users' units)."""
         k = self.config.n_components
-        y_loc, y_scale = self.config.y_location_scale()
+        loc, scale = self.config.y_location_scale()
         logw = jax.nn.log_softmax(out[..., :k], -1)
-        mu = y_loc + y_scale * out[..., k:2 * k]
-        sd = y_scale * (jax.nn.softplus(out[..., 2 * k:] + _SOFTPLUS_ONE) + 1e-3)
+        mu = y_shift + y_scale * (loc + scale * out[..., k:2 * k])
+        sd = y_scale * scale * (jax.nn.softplus(out[..., 2 * k:] + _SOFTPLUS_ONE) + 1e-3)
         return logw, mu, sd
 
     def distribution(self, out, y_shift=0.0, y_scale=1.0):
@@ -281,9 +282,8 @@ class PFN(eqx.Module):
                 return BarDistribution(jnp.asarray(borders, out.dtype), out)
             borders = jnp.asarray(self.config.borders, out.dtype) * y_scale + y_shift
             return BarDistribution(borders, out)
-        logw, mu, sd = self._gmm_parts(out)
-        return GaussianMixturePredictive(jnp.exp(logw).T, (y_shift + y_scale * mu).T,
-                                         ((y_scale * sd) ** 2).T)
+        logw, mu, sd = self._gmm_parts(out, y_shift, y_scale)
+        return GaussianMixturePredictive(jnp.exp(logw).T, mu.T, (sd**2).T)
 
     def log_density(self, context_x, context_y, cmask, query_x, query_y) -> Array:
         """(M,) log predictive density of the query values (the training objective's terms;
@@ -298,8 +298,7 @@ class PFN(eqx.Module):
         """Log density of the gmm head's mixtures at y (M, ...): query point j's mixture at
         every value of y[j], in log space throughout; `frame` is the data set's
         `context_frame`."""
-        logw, mu, sd = self._gmm_parts(out)
-        mu, sd = frame[0] + frame[1] * mu, frame[1] * sd
+        logw, mu, sd = self._gmm_parts(out, *frame)
         expand = (slice(None),) + (None,) * (y.ndim - 1)
         logw, mu, sd = logw[expand], mu[expand], sd[expand]
         z = (y[..., None] - mu) / sd
@@ -400,9 +399,7 @@ def frame_borders(task, key: Array, n_buckets: int, *,
     m0, s0 = float(qy.mean()), float(qy.std())
     cfg = PFNConfig(x_dim=task.x_dim, borders=(0.0, 1.0, 2.0, 3.0), y_standardize=True,
                     y_prior_mean=m0, y_prior_sd=s0)
-    loc, scale = jax.vmap(lambda cy, cm: context_frame(cfg, cy, cm))(
-        jnp.asarray(data.context_y, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
-        data.cmask)
+    loc, scale = jax.vmap(lambda cy, cm: context_frame(cfg, cy, cm))(data.context_y, data.cmask)
     z = (qy - np.asarray(loc, np.float64)[:, None]) / np.asarray(scale, np.float64)[:, None]
     return bar_borders(z, n_buckets), m0, s0
 
@@ -493,10 +490,8 @@ class PFNPredictor:
             out = net(cx, cy, cm, qx)
             loc, scale = context_frame(net.config, cy, cm)
             if bar:  # the borders in y's units when the data set sets the frame
-                return (out, loc + scale * jnp.asarray(net.config.borders, out.dtype)) \
-                    if framed else (out,)
-            logw, mu, sd = net._gmm_parts(out)
-            mu, sd = loc + scale * mu, scale * sd
+                return (out, net.distribution(out, loc, scale).borders) if framed else (out,)
+            logw, mu, sd = net._gmm_parts(out, loc, scale)
             return jnp.exp(logw).T, mu.T, sd.T, (sd**2).T
 
         self._run = jax.jit(run)
