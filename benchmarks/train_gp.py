@@ -56,6 +56,9 @@ def main(argv=None):
     ap.add_argument("--y-standardize", action="store_true",
                     help="read y in each data set's own frame (context mean and sd shrunk to "
                          "the prior predictive's by one pseudo-point; PFNConfig.y_standardize)")
+    ap.add_argument("--distance-bias", action="store_true",
+                    help="attention logits biased by -w |x - x'|^2 per head (learned widths; "
+                         "PFNConfig.distance_bias)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--devices", type=int, default=1, help="data-parallel CPU devices")
@@ -81,7 +84,8 @@ def main(argv=None):
             borders = prior_borders(task, k_borders, args.buckets)
         cfg = PFNConfig(x_dim=task.x_dim, borders=tuple(borders.tolist()), d_model=args.d_model,
                         n_layers=args.layers, n_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                        head=args.head, n_components=args.components, **frame)
+                        head=args.head, n_components=args.components,
+                        distance_bias=args.distance_bias, **frame)
         net = PFN(cfg, key=k_net)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every,

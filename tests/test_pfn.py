@@ -17,10 +17,10 @@ from flashbayes.amortized._pfn import (
 )
 
 
-def _net(seed=0, layers=2, head="bar", framed=False):
+def _net(seed=0, layers=2, head="bar", framed=False, distance=False):
     cfg = PFNConfig(x_dim=2, borders=tuple(np.linspace(-3, 3, 21)), d_model=32, n_layers=layers,
                     head=head, n_components=3, y_standardize=framed, y_prior_mean=0.3,
-                    y_prior_sd=1.4)
+                    y_prior_sd=1.4, distance_bias=distance)
     net = PFN(cfg, key=jax.random.key(seed))
     # a trained-like head: random output weights, so the checks below are not trivially met
     w = 0.3 * jax.random.normal(jax.random.key(seed + 1), net.head.weight.shape)
@@ -28,6 +28,12 @@ def _net(seed=0, layers=2, head="bar", framed=False):
     if framed:  # the frame's features in use too
         w = jax.random.normal(jax.random.key(seed + 2), net.frame_embed.weight.shape)
         net = eqx.tree_at(lambda n: n.frame_embed.weight, net, w)
+    if distance:  # widths moved off their initial values, as training does
+        k = jax.random.key(seed + 3)
+        net = eqx.tree_at(lambda n: [b.log_width for b in n.blocks], net,
+                          [b.log_width + 0.5 * jax.random.normal(jax.random.fold_in(k, i),
+                                                                 b.log_width.shape)
+                           for i, b in enumerate(net.blocks)])
     return net
 
 
@@ -48,8 +54,9 @@ def test_untrained_head_gives_uniform_buckets():
     np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
 
-def test_permutation_invariance_over_context():
-    net = _net()
+@pytest.mark.parametrize("distance", [False, True])
+def test_permutation_invariance_over_context(distance):
+    net = _net(distance=distance)
     cx, cy, cm, qx = _data()
     perm = np.random.default_rng(1).permutation(7)
     a = net(cx, cy, cm, qx)
@@ -60,8 +67,9 @@ def test_permutation_invariance_over_context():
     assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 1e-3
 
 
-def test_no_cross_talk_between_queries():
-    net = _net()
+@pytest.mark.parametrize("distance", [False, True])
+def test_no_cross_talk_between_queries(distance):
+    net = _net(distance=distance)
     cx, cy, cm, qx = _data()
     a = np.asarray(net(cx, cy, cm, qx))
     moved = qx.at[2].set(jnp.array([0.95, 0.05]))
@@ -74,8 +82,9 @@ def test_no_cross_talk_between_queries():
     np.testing.assert_allclose(single[0], a[3], atol=1e-5)
 
 
-def test_padding_mask_invariance():
-    net = _net()
+@pytest.mark.parametrize("distance", [False, True])
+def test_padding_mask_invariance(distance):
+    net = _net(distance=distance)
     cx, cy, cm, qx = _data()
     a = np.asarray(net(cx, cy, cm, qx))
     pad_x = jnp.concatenate([cx, jnp.full((4, 2), 0.3)])
@@ -86,6 +95,34 @@ def test_padding_mask_invariance():
     # unmasked, the same rows do change the answer
     c = np.asarray(net(pad_x, pad_y, jnp.ones(11, bool), qx))
     assert np.max(np.abs(a - c)) > 1e-3
+
+
+def test_distance_bias_reads_the_context_near_each_point():
+    """With the distance bias, head h adds -w_h |x - x'|^2 to its logits. Zero widths give the
+    content attention back exactly; very large widths leave each token only the null token and
+    the context points at its own input, so in one block a query far from every context point
+    no longer hears the context values while one on a context point does. (From two blocks
+    on, the null token, at distance 0 from all, carries what it read of the whole context.)"""
+    net = _net(distance=True)
+    cx, cy, cm, qx = _data()
+    a = np.asarray(net(cx, cy, cm, qx))
+
+    def widths(n, value):
+        return eqx.tree_at(lambda m: [b.log_width for b in m.blocks], n,
+                           [jnp.full_like(b.log_width, value) for b in n.blocks])
+
+    plain = eqx.tree_at(lambda m: [b.log_width for b in m.blocks], net,
+                        [None] * len(net.blocks), is_leaf=lambda v: v is None)
+    np.testing.assert_allclose(np.asarray(widths(net, -jnp.inf)(cx, cy, cm, qx)),
+                               np.asarray(plain(cx, cy, cm, qx)), atol=1e-5)
+    assert np.max(np.abs(a - np.asarray(plain(cx, cy, cm, qx)))) > 1e-3  # the bias is used
+    sharp = widths(_net(layers=1, distance=True), jnp.log(1e6))
+    qx2 = jnp.stack([cx[0], jnp.array([0.97, 0.02])])  # on point 0; far from all (>= 0.1 away)
+    assert float(jnp.min(jnp.sum((cx - qx2[1]) ** 2, -1))) > 0.01
+    before = np.asarray(sharp(cx, cy, cm, qx2))
+    after = np.asarray(sharp(cx, cy.at[:].add(1.5), cm, qx2))
+    np.testing.assert_allclose(after[1], before[1], atol=1e-5)
+    assert np.max(np.abs(after[0] - before[0])) > 1e-3
 
 
 def test_context_frame_is_the_shrunk_mean_and_sd_of_the_context():
@@ -220,12 +257,20 @@ def test_config_validation_and_round_trip():
     framed = dataclasses.replace(cfg, y_standardize=True, y_prior_mean=0.2, y_prior_sd=1.3)
     assert PFNConfig.from_dict(framed.to_dict()) == framed
     # a configuration written before the frame existed reads as one without it
-    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("y_")}
+    biased = dataclasses.replace(cfg, distance_bias=True)
+    assert PFNConfig.from_dict(biased.to_dict()) == biased
+    # a configuration written before the frame and the distance bias existed reads as one
+    # without them
+    old = {k: v for k, v in cfg.to_dict().items()
+           if not k.startswith("y_") and k != "distance_bias"}
     assert not PFNConfig.from_dict(old).y_standardize
+    assert not PFNConfig.from_dict(old).distance_bias
     with pytest.raises(ValueError, match="y_prior_sd"):
         dataclasses.replace(cfg, y_prior_sd=0.0)
     with pytest.raises(ValueError, match="y_standardize: expected true or false"):
         dataclasses.replace(cfg, y_standardize="yes")
+    with pytest.raises(ValueError, match="distance_bias: expected true or false"):
+        dataclasses.replace(cfg, distance_bias=1)
     with pytest.raises(ValueError, match="increasing"):
         PFNConfig(x_dim=1, borders=(0.0, 1.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="multiple of n_heads"):
@@ -272,9 +317,11 @@ def test_predictor_pads_validates_and_refuses_out_of_range():
         model.predictive(np.zeros((3, 3)), np.zeros(3), np.zeros((1, 3)))
 
 
-@pytest.mark.parametrize(("head", "framed"), [  # the frame (not shipped) in the slow tier
-    *_VARIANTS[:2], *(pytest.param(*v, marks=pytest.mark.slow) for v in _VARIANTS[2:])])
-def test_predictor_answers_every_query_count_as_the_network_does(head, framed):
+@pytest.mark.parametrize(("head", "framed", "distance"), [  # options not shipped: slow tier
+    *((*v, False) for v in _VARIANTS[:2]),
+    *(pytest.param(*v, False, marks=pytest.mark.slow) for v in _VARIANTS[2:]),
+    pytest.param("bar", False, True, marks=pytest.mark.slow)])
+def test_predictor_answers_every_query_count_as_the_network_does(head, framed, distance):
     """The predictor pads context and queries to a few sizes (multiples of 8 up to 128, then
     geometric buckets) and forms the predictive inside its compiled call; for 8 queries (no
     padding), 13 and 130 its densities are the network's own on the unpadded problem (with the
@@ -282,7 +329,7 @@ def test_predictor_answers_every_query_count_as_the_network_does(head, framed):
     from flashbayes.amortized._pfn import PFNPredictor, _pad_size
 
     assert [_pad_size(n) for n in (1, 8, 9, 100, 128, 129)] == [8, 8, 16, 104, 128, 192]
-    net = _net(layers=1, head=head, framed=framed)
+    net = _net(layers=1, head=head, framed=framed, distance=distance)
     model = PFNPredictor(net, fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10))
     for m in (8, 13, 130):
         cx, cy, cm, qx = _data(n=7, m=m)
@@ -329,13 +376,13 @@ def test_load_pfn_refuses_other_checkpoints(tmp_path):
         load_pfn(path)
 
 
-@pytest.mark.parametrize("framed", [False, True])
-def test_predictor_save_and_load_round_trip(tmp_path, framed):
+@pytest.mark.parametrize(("framed", "distance"), [(False, False), (True, False), (False, True)])
+def test_predictor_save_and_load_round_trip(tmp_path, framed, distance):
     from flashbayes.amortized._checkpoint import CheckpointError
     from flashbayes.amortized._pfn import PFNPredictor, load_predictor
 
     task = fb.tasks.get_predictive("gp_hyperprior", x_dim=2, n_max=10)
-    model = PFNPredictor(_net(framed=framed), task, {"step": 7})
+    model = PFNPredictor(_net(framed=framed, distance=distance), task, {"step": 7})
     path = model.save(tmp_path / "m.safetensors")
     loaded = load_predictor(path)
     assert loaded.task.n_max == 10 and loaded.task.x_dim == 2 and loaded.meta["step"] == 7
@@ -344,7 +391,10 @@ def test_predictor_save_and_load_round_trip(tmp_path, framed):
     a, b = loaded.predictive(cx, cy, qx), model.predictive(cx, cy, qx)
     np.testing.assert_array_equal(np.asarray(a.logits), np.asarray(b.logits))
     np.testing.assert_array_equal(np.asarray(a.borders), np.asarray(b.borders))
-    if framed:  # the folder rules below are the same for both
+    if distance:  # the widths came back (not the initial ones: they were moved before saving)
+        for got, want in zip(loaded.network.blocks, model.network.blocks, strict=True):
+            np.testing.assert_array_equal(np.asarray(got.log_width), np.asarray(want.log_width))
+    if framed or distance:  # the folder rules below are the same for all
         return
     # a training folder means its latest checkpoint; an empty one is refused
     model.save(tmp_path / "run" / "ckpt_00000007.safetensors")

@@ -60,6 +60,12 @@ class PFNConfig(ConfigDict):
             also fed to the network. False: one fixed frame from the borders.
         y_prior_mean, y_prior_sd: mean and standard deviation of the prior predictive of y
             (the pseudo-point of `y_standardize`).
+        distance_bias: add to each attention head's logits -w_h |x - x'|^2, the squared
+            distance between a token's input and a context point's (in the network's [-1, 1]
+            units; 0 for the null token), with a learned width w_h per head and block. The
+            heads start at lengthscales spread from 0.02 to 0.4 of the input box, so a head can
+            read the context near a point the way a kernel smoother does. False: attention by
+            content only.
     """
 
     x_dim: int
@@ -75,6 +81,7 @@ class PFNConfig(ConfigDict):
     y_standardize: bool = False
     y_prior_mean: float = 0.0
     y_prior_sd: float = 1.0
+    distance_bias: bool = False
 
     _what = "PFN config"
 
@@ -93,9 +100,10 @@ class PFNConfig(ConfigDict):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got "
                              f"{self.d_model}")
-        if not isinstance(self.y_standardize, bool):
-            raise ValueError(f"y_standardize: expected true or false; got "
-                             f"{self.y_standardize!r}")
+        for name in ("y_standardize", "distance_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false; got "
+                                 f"{getattr(self, name)!r}")
         if not (np.isfinite(self.y_prior_mean) and np.isfinite(self.y_prior_sd)
                 and self.y_prior_sd > 0):
             raise ValueError(f"y_prior_mean, y_prior_sd: expected finite values and a positive "
@@ -154,25 +162,50 @@ class _Block(eqx.Module):
     attn: eqx.nn.MultiheadAttention
     ln_mlp: eqx.nn.LayerNorm
     mlp: _MLP
+    log_width: Array | None
 
-    def __init__(self, d: int, heads: int, ratio: int, *, key: Array):
+    def __init__(self, d: int, heads: int, ratio: int, *, key: Array,
+                 distance_bias: bool = False):
         k1, k2 = jax.random.split(key)
         self.ln_q = eqx.nn.LayerNorm(d)
         self.ln_kv = eqx.nn.LayerNorm(d)
         self.attn = eqx.nn.MultiheadAttention(heads, d, key=k1)
         self.ln_mlp = eqx.nn.LayerNorm(d)
         self.mlp = _MLP([d, ratio * d, d], key=k2)
+        # widths w = 1 / (2 (2 l)^2) for lengthscales l from 0.02 to 0.4 of the input box (the
+        # network's units span 2 boxes' widths)
+        self.log_width = (-jnp.log(8.0 * jnp.geomspace(0.02, 0.4, heads) ** 2)
+                          if distance_bias else None)
 
-    def __call__(self, tok, n_ctx, kv_mask, first_row: int = 0):
+    def _biased_attention(self, q, kv, mask, d2):
+        """Multi-head attention of rows `q` over `kv` with -w_h d2 added to head h's logits
+        (the projections are the `attn` module's)."""
+        a = self.attn
+        heads = a.num_heads
+        qh = jax.vmap(a.query_proj)(q).reshape(q.shape[0], heads, -1)
+        kh = jax.vmap(a.key_proj)(kv).reshape(kv.shape[0], heads, -1)
+        vh = jax.vmap(a.value_proj)(kv).reshape(kv.shape[0], heads, -1)
+        logits = (jnp.einsum("rhd,chd->hrc", qh, kh) / np.sqrt(qh.shape[-1])
+                  - jnp.exp(self.log_width)[:, None, None] * d2[None])
+        logits = jnp.where(mask[None], logits, jnp.finfo(logits.dtype).min)
+        w = jax.nn.softmax(logits, -1)
+        out = jnp.einsum("hrc,chd->rhd", w, vh).reshape(q.shape[0], -1)
+        return jax.vmap(a.output_proj)(out)
+
+    def __call__(self, tok, n_ctx, kv_mask, first_row: int = 0, d2=None):
         """tok: (1 + N + M, d): null token, context tokens, query tokens. Keys and values are
         the null and context tokens only. Returns the updated rows from `first_row` on (the
         last block updates the query tokens only: nothing reads the context tokens after
-        it)."""
+        it). d2: (1 + N + M, 1 + N) squared distances of the rows' inputs to the keys'
+        (`distance_bias` only)."""
         kv = jax.vmap(self.ln_kv)(tok[:n_ctx])
         tok = tok[first_row:]
         q = jax.vmap(self.ln_q)(tok)
         mask = jnp.broadcast_to(kv_mask[None, :], (tok.shape[0], n_ctx))
-        tok = tok + self.attn(q, kv, kv, mask=mask)
+        if self.log_width is None:
+            tok = tok + self.attn(q, kv, kv, mask=mask)
+        else:
+            tok = tok + self._biased_attention(q, kv, mask, d2[first_row:])
         return tok + jax.vmap(self.mlp)(jax.vmap(self.ln_mlp)(tok))
 
 
@@ -220,7 +253,8 @@ class PFN(eqx.Module):
                                             jnp.zeros_like(frame.bias)))
         self.query_token = 0.02 * jax.random.normal(keys[2], (dm,))
         self.null_token = 0.02 * jax.random.normal(keys[3], (dm,))
-        self.blocks = [_Block(dm, config.n_heads, config.mlp_ratio, key=k)
+        self.blocks = [_Block(dm, config.n_heads, config.mlp_ratio, key=k,
+                              distance_bias=config.distance_bias)
                        for k in keys[5:]]
         self.ln_out = eqx.nn.LayerNorm(dm)
         head = eqx.nn.Linear(dm, config.n_outputs, key=keys[4])
@@ -250,9 +284,15 @@ class PFN(eqx.Module):
                 (f_loc - cfg.y_prior_mean) / cfg.y_prior_sd, jnp.log(f_scale / cfg.y_prior_sd)]))
         n_ctx = 1 + context_x.shape[0]
         kv_mask = jnp.concatenate([jnp.ones((1,), bool), cmask])
+        d2 = None
+        if cfg.distance_bias:  # the null token (row and column 0) is at distance 0 from all
+            rows = jnp.concatenate([jnp.zeros((1, cfg.x_dim)), unit(context_x),
+                                    unit(query_x)], 0)
+            d2 = jnp.sum((rows[:, None, :] - rows[None, :n_ctx, :]) ** 2, -1)
+            d2 = d2.at[0].set(0.0).at[:, 0].set(0.0)
         for block in self.blocks[:-1]:
-            tok = block(tok, n_ctx, kv_mask)
-        tok = self.blocks[-1](tok, n_ctx, kv_mask, first_row=n_ctx)
+            tok = block(tok, n_ctx, kv_mask, d2=d2)
+        tok = self.blocks[-1](tok, n_ctx, kv_mask, first_row=n_ctx, d2=d2)
         return jax.vmap(lambda t: self.head(self.ln_out(t)))(tok)
 
     def predictive(self, context_x, context_y, cmask, query_x):
