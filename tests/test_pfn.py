@@ -54,7 +54,7 @@ def test_untrained_head_gives_uniform_buckets():
     np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
 
-@pytest.mark.parametrize("distance", [False, True])
+@pytest.mark.parametrize("distance", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_permutation_invariance_over_context(distance):
     net = _net(distance=distance)
     cx, cy, cm, qx = _data()
@@ -67,7 +67,7 @@ def test_permutation_invariance_over_context(distance):
     assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 1e-3
 
 
-@pytest.mark.parametrize("distance", [False, True])
+@pytest.mark.parametrize("distance", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_no_cross_talk_between_queries(distance):
     net = _net(distance=distance)
     cx, cy, cm, qx = _data()
@@ -82,7 +82,7 @@ def test_no_cross_talk_between_queries(distance):
     np.testing.assert_allclose(single[0], a[3], atol=1e-5)
 
 
-@pytest.mark.parametrize("distance", [False, True])
+@pytest.mark.parametrize("distance", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_padding_mask_invariance(distance):
     net = _net(distance=distance)
     cx, cy, cm, qx = _data()
@@ -97,6 +97,7 @@ def test_padding_mask_invariance(distance):
     assert np.max(np.abs(a - c)) > 1e-3
 
 
+@pytest.mark.slow  # an option not shipped; the default tier is kept under 15 minutes
 def test_distance_bias_reads_the_context_near_each_point():
     """With the distance bias, head h adds -w_h |x - x'|^2 to its logits. Zero widths give the
     content attention back exactly; very large widths leave each token only the null token and
@@ -376,7 +377,8 @@ def test_load_pfn_refuses_other_checkpoints(tmp_path):
         load_pfn(path)
 
 
-@pytest.mark.parametrize(("framed", "distance"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(("framed", "distance"), [  # the distance bias (not shipped): slow tier
+    (False, False), (True, False), pytest.param(False, True, marks=pytest.mark.slow)])
 def test_predictor_save_and_load_round_trip(tmp_path, framed, distance):
     from flashbayes.amortized._checkpoint import CheckpointError
     from flashbayes.amortized._pfn import PFNPredictor, load_predictor
