@@ -30,11 +30,16 @@ def _net(seed=0, layers=2, head="bar", framed=False, distance=False):
         net = eqx.tree_at(lambda n: n.frame_embed.weight, net, w)
     if distance:  # widths moved off their initial values, as training does
         k = jax.random.key(seed + 3)
-        net = eqx.tree_at(lambda n: [b.log_width for b in n.blocks], net,
-                          [b.log_width + 0.5 * jax.random.normal(jax.random.fold_in(k, i),
-                                                                 b.log_width.shape)
-                           for i, b in enumerate(net.blocks)])
+        net = _with_widths(net, [b.log_width + 0.5 * jax.random.normal(jax.random.fold_in(k, i),
+                                                                       b.log_width.shape)
+                                 for i, b in enumerate(net.blocks)])
     return net
+
+
+def _with_widths(net, widths):
+    """`net` with its blocks' distance-bias log widths replaced (None: no bias)."""
+    return eqx.tree_at(lambda n: [b.log_width for b in n.blocks], net, widths,
+                       is_leaf=lambda v: v is None)
 
 
 _VARIANTS = [("bar", False), ("gmm", False), ("bar", True), ("gmm", True)]
@@ -109,11 +114,9 @@ def test_distance_bias_reads_the_context_near_each_point():
     a = np.asarray(net(cx, cy, cm, qx))
 
     def widths(n, value):
-        return eqx.tree_at(lambda m: [b.log_width for b in m.blocks], n,
-                           [jnp.full_like(b.log_width, value) for b in n.blocks])
+        return _with_widths(n, [jnp.full_like(b.log_width, value) for b in n.blocks])
 
-    plain = eqx.tree_at(lambda m: [b.log_width for b in m.blocks], net,
-                        [None] * len(net.blocks), is_leaf=lambda v: v is None)
+    plain = _with_widths(net, [None] * len(net.blocks))
     np.testing.assert_allclose(np.asarray(widths(net, -jnp.inf)(cx, cy, cm, qx)),
                                np.asarray(plain(cx, cy, cm, qx)), atol=1e-5)
     assert np.max(np.abs(a - np.asarray(plain(cx, cy, cm, qx)))) > 1e-3  # the bias is used
